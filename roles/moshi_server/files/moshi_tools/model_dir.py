@@ -81,9 +81,12 @@ def resolve(model_dir: Path) -> ModelSet:
 def server_args(model_set: ModelSet) -> list[str]:
     """Arguments for ``moshi.server`` that load ``model_set`` with no hub access."""
     args = [
-        "--moshi-weight", str(model_set.lm),
-        "--mimi-weight", str(model_set.mimi),
-        "--tokenizer", str(model_set.tokenizer),
+        "--moshi-weight",
+        str(model_set.lm),
+        "--mimi-weight",
+        str(model_set.mimi),
+        "--tokenizer",
+        str(model_set.tokenizer),
     ]
     if model_set.config is not None:
         # The resolved config (absolute file:// names) goes to a private temporary file.

@@ -63,47 +63,49 @@ async def probe(url: str, frames: int = 20, timeout: float = 60.0, settle: float
     started = time.monotonic()
     chunks = opus_frames(frames)
     try:
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws:
-                first = await asyncio.wait_for(ws.receive(), timeout)
-                if first.type != aiohttp.WSMsgType.BINARY or first.data[:1] != b"\x00":
-                    result.error = f"expected the 0x00 handshake, got {first.type.name}"
-                    return result
-                result.handshake = True
-                result.handshake_s = round(time.monotonic() - started, 3)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws,
+        ):
+            first = await asyncio.wait_for(ws.receive(), timeout)
+            if first.type != aiohttp.WSMsgType.BINARY or first.data[:1] != b"\x00":
+                result.error = f"expected the 0x00 handshake, got {first.type.name}"
+                return result
+            result.handshake = True
+            result.handshake_s = round(time.monotonic() - started, 3)
 
-                async def receive() -> None:
-                    async for msg in ws:
-                        if msg.type != aiohttp.WSMsgType.BINARY or not msg.data:
-                            continue
-                        kind = msg.data[0]
-                        if kind == KIND_AUDIO:
-                            result.audio_messages += 1
-                        elif kind == KIND_TEXT:
-                            result.text_messages += 1
-                            result.text += msg.data[1:].decode("utf-8", "replace")
-                        else:
-                            result.other_kinds.append(kind)
+            async def receive() -> None:
+                async for msg in ws:
+                    if msg.type != aiohttp.WSMsgType.BINARY or not msg.data:
+                        continue
+                    kind = msg.data[0]
+                    if kind == KIND_AUDIO:
+                        result.audio_messages += 1
+                    elif kind == KIND_TEXT:
+                        result.text_messages += 1
+                        result.text += msg.data[1:].decode("utf-8", "replace")
+                    else:
+                        result.other_kinds.append(kind)
 
-                receiver = asyncio.create_task(receive())
-                try:
-                    for chunk in chunks:
-                        if chunk:
-                            await ws.send_bytes(b"\x01" + chunk)
-                        result.frames_sent += 1
-                        await asyncio.sleep(0.01)
-                    deadline = time.monotonic() + timeout
-                    # Wait until answers stop coming for `settle` seconds (or the deadline).
-                    last = (-1, -1)
-                    while time.monotonic() < deadline:
-                        await asyncio.sleep(settle)
-                        now = (result.audio_messages, result.text_messages)
-                        if now == last and result.audio_messages > 0:
-                            break
-                        last = now
-                finally:
-                    receiver.cancel()
-                    await asyncio.gather(receiver, return_exceptions=True)
+            receiver = asyncio.create_task(receive())
+            try:
+                for chunk in chunks:
+                    if chunk:
+                        await ws.send_bytes(b"\x01" + chunk)
+                    result.frames_sent += 1
+                    await asyncio.sleep(0.01)
+                deadline = time.monotonic() + timeout
+                # Wait until answers stop coming for `settle` seconds (or the deadline).
+                last = (-1, -1)
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(settle)
+                    now = (result.audio_messages, result.text_messages)
+                    if now == last and result.audio_messages > 0:
+                        break
+                    last = now
+            finally:
+                receiver.cancel()
+                await asyncio.gather(receiver, return_exceptions=True)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     return result

@@ -27,8 +27,7 @@ from pathlib import Path
 MARKER = "# moshi_tools.q8_patch: keep float32 *_scb scales"
 UNPATCHED = "if key.startswith('condition_provider.') or key.startswith('fuser.'):"
 PATCHED = (
-    "if key.startswith('condition_provider.') or key.startswith('fuser.') "
-    f"or key.endswith('_scb'):  {MARKER}"
+    f"if key.startswith('condition_provider.') or key.startswith('fuser.') or key.endswith('_scb'):  {MARKER}"
 )
 
 

@@ -113,11 +113,53 @@ LM_CONFIG: dict[str, Any] = {
 
 LM_GEN_CONFIG = {"top_k": 10, "top_k_text": 10}
 
-_WORDS = (
-    "hello moshi this is a tiny model for tests it speaks random words about the weather "
-    "the bridge the server and the voice page morning evening night coffee tea music "
-    "one two three four five six seven eight nine ten yes no maybe thanks please"
-).split()
+_WORDS = [
+    "hello",
+    "moshi",
+    "this",
+    "is",
+    "a",
+    "tiny",
+    "model",
+    "for",
+    "tests",
+    "it",
+    "speaks",
+    "random",
+    "words",
+    "about",
+    "the",
+    "weather",
+    "the",
+    "bridge",
+    "the",
+    "server",
+    "and",
+    "the",
+    "voice",
+    "page",
+    "morning",
+    "evening",
+    "night",
+    "coffee",
+    "tea",
+    "music",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "yes",
+    "no",
+    "maybe",
+    "thanks",
+    "please",
+]
 
 
 def lm_config(variant: str) -> dict[str, Any]:

@@ -1,0 +1,77 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`. See README.md.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+PY          := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export BASE_IMAGE ?= voice-stack/debian-systemd:bookworm
+# This machine's local wheels (the CPU torch wheel lives there); test hosts bind-mount it read-only.
+export WHEELHOUSE ?= $(shell pip config get global.find-links 2>/dev/null || echo /opt/wheels)
+export ANSIBLE_FORCE_COLOR ?= 0
+
+MODELS      := build/models/tiny-bf16/config.json build/models/tiny-q8/config.json
+TOOLS_DIR   := roles/moshi_server/files
+SCENARIOS   ?= default q8
+ARGS        ?=
+
+.PHONY: help venv engine models lint unit molecule test demo demo-down bench-bridge clean
+
+help:
+	@echo "make demo        deploy the whole stack onto a local systemd container (CPU, tiny model)"
+	@echo "make test        lint, unit tests and every Molecule scenario"
+	@echo "make demo-down   remove the demo container"
+
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: requirements/controller.txt $(TOOLS_DIR)/requirements-kyutai.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/controller.txt
+	# moshi for the tiny-model generator and the bridge's end-to-end tests: CPU torch first, then
+	# moshi's pinned requirements, then moshi itself with --no-deps (its torch pin is <2.10).
+	$(PY) -m pip install -q --find-links "$(WHEELHOUSE)" torch==2.13.0 bitsandbytes==0.49.2 \
+	  -r $(TOOLS_DIR)/requirements-kyutai.txt
+	$(PY) -m pip install -q --no-deps moshi==0.2.13
+	$(PY) -c 'import site, sys; open(site.getsitepackages()[0] + "/voice_stack_tools.pth", "w").write(sys.argv[1] + "\n")' \
+	  "$(CURDIR)/$(TOOLS_DIR)"
+	touch $@
+
+engine:
+	./scripts/ensure-docker.sh
+	./scripts/build-base-image.sh "$(BASE_IMAGE)"
+
+models: $(MODELS)
+build/models/tiny-%/config.json: $(TOOLS_DIR)/moshi_tools/tiny_model.py | $(VENV)/.stamp
+	$(PY) -m moshi_tools.tiny_model --out build/models/tiny-$* --variant $*
+
+lint: $(VENV)/.stamp
+	yamllint --strict .
+	ansible-lint
+	ruff check .
+	ruff format --check .
+	mypy plugins/filter $(TOOLS_DIR)/moshi_tools scripts
+
+unit: $(VENV)/.stamp
+	pytest -q tests
+
+molecule: $(VENV)/.stamp engine models
+	mkdir -p .cache/pip-hosts
+	for scenario in $(SCENARIOS); do \
+	  molecule test --no-command-borders -s $$scenario || exit 1; \
+	done
+
+test: lint unit molecule
+
+demo: $(VENV)/.stamp engine models
+	mkdir -p .cache/pip-hosts
+	./scripts/demo-container.sh up
+	ansible-playbook -i inventory/local molecule/resources/prepare.yml
+	ansible-playbook -i inventory/local site.yml $(ARGS)
+	$(PY) scripts/demo_summary.py
+
+demo-down:
+	./scripts/demo-container.sh down
+
+clean: demo-down
+	rm -rf build .cache

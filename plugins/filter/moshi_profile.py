@@ -1,0 +1,226 @@
+"""The one place that decides how Moshi runs on a host: the hardware profile table.
+
+Given a mode (cpu|gpu), a precision (bf16|fp16|q8) and the GPU's compute capability and memory,
+:func:`moshi_profile` returns the torch build to install, the environment flags and server
+arguments, the expected speed, and a list of problems (each naming the fix). Roles, playbooks and
+docs all use this table; nothing else re-implements it.
+
+Sources: ../shared/notes/field-notes.md sections 2 and 3 (measured on an H200 with random weights of
+the real 7B architecture). See docs/hardware.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MODES = ("cpu", "gpu")
+PRECISIONS = ("bf16", "fp16", "q8")
+FLAVORS = ("kyutai",)
+
+# torch 2.9.1 is the newest release inside moshi 0.2.13's pin (torch>=2.2,<2.10).
+TORCH_SPEC = "torch==2.9.1"
+INDEX_CPU = "https://download.pytorch.org/whl/cpu"
+INDEX_CU126 = "https://download.pytorch.org/whl/cu126"
+INDEX_PYPI = ""  # PyPI's default torch 2.9.1 is the cu128 build (sm_70 .. sm_120)
+
+# Moshi 7B (7.69 B parameters): weights and peak memory measured on an H200 (field notes, sec. 2).
+MOSHI_7B_PARAMS_B = 7.69
+WEIGHTS_GIB_7B = {"bf16": 14.7, "fp16": 14.7, "q8": 7.8}
+ACTIVATION_GIB = 1.6  # peak minus weights, the same for bf16 and q8 at the server's context
+FRAME_MS = 80.0  # one model step per 80 ms of audio
+
+# Median step times for Moshi 7B (ms per 80 ms frame), field notes section 2, H200.
+MEASURED_STEP_MS = {
+    "gpu bf16 compile+graphs": 17.0,
+    "gpu bf16 graphs, no compile": 21.0,
+    "gpu q8 graphs, no compile": 22.0,
+    "gpu bf16, no graphs": 138.0,
+    "cpu bf16, 16 threads": 820.0,
+}
+
+
+@dataclass(frozen=True)
+class GpuFamily:
+    name: str
+    min_cc: float
+    torch_index_url: str
+    compile_ok: bool  # Triton needs CC >= 7.0
+
+
+# Ordered from newest to oldest; the first whose min_cc <= cc wins.
+GPU_FAMILIES = (
+    GpuFamily("volta-or-newer", 7.0, INDEX_PYPI, compile_ok=True),
+    GpuFamily("pascal", 6.0, INDEX_CU126, compile_ok=False),
+)
+BF16_MIN_CC = 8.0
+Q8_MIN_CC = 7.5
+
+
+@dataclass
+class Profile:
+    mode: str
+    precision: str
+    device: str
+    family: str
+    torch_spec: str
+    torch_index_url: str
+    env: dict[str, str] = field(default_factory=dict)
+    server_args: list[str] = field(default_factory=list)
+    needs_bitsandbytes: bool = False
+    peak_gib: float = 0.0
+    expected_step_ms: float | None = None
+    realtime_factor: float | None = None
+    realtime: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+def peak_memory_gib(precision: str, params_billion: float) -> float:
+    """Estimated peak GPU memory: weights scaled from the measured 7B figures, plus activations."""
+    weights = WEIGHTS_GIB_7B.get(precision, WEIGHTS_GIB_7B["bf16"]) * params_billion / MOSHI_7B_PARAMS_B
+    return round(weights + ACTIVATION_GIB, 1)
+
+
+def gpu_family(cc: float) -> GpuFamily | None:
+    return next((family for family in GPU_FAMILIES if cc >= family.min_cc), None)
+
+
+def _as_float(value: Any, name: str, problems: list[str]) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        problems.append(f"{name}={value!r} is not a number")
+        return None
+
+
+def _expected_step(mode: str, precision: str, compile_ok: bool) -> float | None:
+    if mode == "cpu":
+        return MEASURED_STEP_MS["cpu bf16, 16 threads"]
+    if precision == "q8":
+        return MEASURED_STEP_MS["gpu q8 graphs, no compile"]
+    if compile_ok:
+        return MEASURED_STEP_MS["gpu bf16 compile+graphs"]
+    return MEASURED_STEP_MS["gpu bf16 graphs, no compile"]
+
+
+def moshi_profile(
+    mode: str,
+    precision: str,
+    gpu_cc: Any = None,
+    gpu_memory_mib: Any = None,
+    params_billion: Any = MOSHI_7B_PARAMS_B,
+    cpu_threads: Any = 0,
+    flavor: str = "kyutai",
+) -> dict[str, Any]:
+    """Return the profile for a host as a plain dict (see :class:`Profile`)."""
+    problems: list[str] = []
+    if flavor not in FLAVORS:
+        problems.append(f"moshi_server_flavor={flavor!r} is unknown: set one of {', '.join(FLAVORS)}")
+    if mode not in MODES:
+        problems.append(f"moshi_server_mode={mode!r} is unknown: set one of {', '.join(MODES)}")
+    if precision not in PRECISIONS:
+        problems.append(
+            f"moshi_server_precision={precision!r} is unknown: set one of {', '.join(PRECISIONS)}"
+        )
+    cc = _as_float(gpu_cc, "moshi_server_gpu_compute_capability", problems)
+    memory_mib = _as_float(gpu_memory_mib, "moshi_server_gpu_memory_mib", problems)
+    params = _as_float(params_billion, "moshi_server_model_params_billion", problems)
+    threads = int(_as_float(cpu_threads, "moshi_server_cpu_threads", problems) or 0)
+    params = MOSHI_7B_PARAMS_B if params is None else params
+
+    profile = Profile(
+        mode=mode,
+        precision=precision,
+        device="cuda" if mode == "gpu" else "cpu",
+        family="cpu",
+        torch_spec=TORCH_SPEC,
+        torch_index_url=INDEX_CPU,
+        needs_bitsandbytes=precision == "q8",
+        peak_gib=peak_memory_gib(precision, params),
+        problems=problems,
+    )
+    compile_ok = False
+    if mode == "cpu":
+        # Inductor would compile C++ at warmup on CPU: slow, and it needs gcc on the host.
+        profile.env["NO_TORCH_COMPILE"] = "1"
+        if threads > 0:
+            profile.env["OMP_NUM_THREADS"] = str(threads)
+    elif mode == "gpu":
+        if cc is None:
+            problems.append(
+                "moshi_server_mode=gpu but no GPU is known on this host: set "
+                "moshi_server_gpu_compute_capability (e.g. '8.9'), or set moshi_server_mode=cpu"
+            )
+        else:
+            family = gpu_family(cc)
+            if family is None:
+                problems.append(
+                    f"GPU compute capability {cc} is older than Pascal (6.0): no supported torch "
+                    "build; set moshi_server_mode=cpu"
+                )
+            else:
+                profile.family = family.name
+                profile.torch_index_url = family.torch_index_url
+                compile_ok = family.compile_ok
+                if not compile_ok:
+                    profile.env["NO_TORCH_COMPILE"] = "1"
+            if precision == "bf16" and cc < BF16_MIN_CC:
+                problems.append(
+                    f"bf16 needs compute capability >= {BF16_MIN_CC}, this GPU has {cc}: "
+                    "set moshi_server_precision=fp16"
+                )
+            if precision == "q8" and cc < Q8_MIN_CC:
+                problems.append(
+                    f"q8 (bitsandbytes LLM.int8) needs compute capability >= {Q8_MIN_CC}, this GPU "
+                    f"has {cc}: set moshi_server_precision=fp16, or moshi_server_mode=cpu"
+                )
+        if memory_mib is not None and profile.peak_gib * 1024 > memory_mib:
+            problems.append(
+                f"the model needs about {profile.peak_gib} GiB at peak in {precision}, the GPU has "
+                f"{round(memory_mib / 1024, 1)} GiB: set moshi_server_precision=q8 where the GPU "
+                "supports it, or moshi_server_mode=cpu"
+            )
+    profile.server_args = ["--device", profile.device]
+    if precision == "fp16":
+        profile.server_args.append("--half")
+    step = _expected_step(mode, precision, compile_ok)
+    profile.expected_step_ms = step
+    if step is not None:
+        profile.realtime_factor = round(step / FRAME_MS, 2)
+        if mode == "cpu":
+            profile.realtime = (
+                f"NOT real time: about {step:.0f} ms per {FRAME_MS:.0f} ms frame for Moshi 7B "
+                "(16 Xeon threads of an H200 host; docs/hardware.md)"
+            )
+        else:
+            profile.realtime = (
+                f"real time if the GPU keeps up: {step:.0f} ms per {FRAME_MS:.0f} ms frame for Moshi 7B "
+                "on an H200, a lower bound for smaller GPUs (docs/hardware.md)"
+            )
+    return asdict(profile)
+
+
+# Preference when several precisions work on a GPU: bf16 is the fastest measured, fp16 the same
+# size, q8 the smallest.
+PREFERENCE = ("bf16", "fp16", "q8")
+
+
+def moshi_recommend(
+    gpu_cc: Any = None, gpu_memory_mib: Any = None, params_billion: Any = MOSHI_7B_PARAMS_B
+) -> dict[str, Any]:
+    """The best working mode and precision for this hardware, with its profile."""
+    if gpu_cc not in (None, ""):
+        for precision in PREFERENCE:
+            profile = moshi_profile("gpu", precision, gpu_cc, gpu_memory_mib, params_billion)
+            if not profile["problems"]:
+                return profile
+    return moshi_profile("cpu", "bf16", params_billion=params_billion)
+
+
+class FilterModule:
+    """Ansible entry point."""
+
+    def filters(self) -> dict[str, Any]:
+        return {"moshi_profile": moshi_profile, "moshi_recommend": moshi_recommend}

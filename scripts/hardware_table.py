@@ -1,0 +1,77 @@
+"""Print the hardware decision table in Markdown, from the one decision plugin.
+
+docs/hardware.md and README.md embed its output between the markers
+``<!-- hardware-table:start -->`` and ``<!-- hardware-table:end -->``; a unit test keeps them equal.
+Usage: python scripts/hardware_table.py [--write FILE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "filter"))
+from moshi_profile import moshi_recommend
+
+START, END = "<!-- hardware-table:start -->", "<!-- hardware-table:end -->"
+
+# (host, compute capability, memory MiB); None: no GPU.
+HOSTS: list[tuple[str, str | None, int | None]] = [
+    ("No GPU (any x86-64 Linux)", None, None),
+    ("GTX 1080 Ti (gpu01)", "6.1", 11264),
+    ("Tesla P40", "6.1", 24576),
+    ("Tesla V100 32 GB", "7.0", 32768),
+    ("RTX 2080 Ti", "7.5", 11264),
+    ("RTX 3090 / 4090", "8.6", 24576),
+    ("RTX 5090 laptop 24 GB", "12.0", 24463),
+    ("RTX 5090 desktop (WSL2 PC)", "12.0", 32607),
+    ("H100 80 GB", "9.0", 81559),
+]
+
+
+def speed(profile: dict[str, Any]) -> str:
+    step, factor = profile["expected_step_ms"], profile["realtime_factor"]
+    if profile["mode"] == "cpu":
+        return f"~{step:.0f} ms (16 Xeon threads): {factor}x, **not real time**"
+    return f"{step:.0f} ms on an H200 (lower bound): {factor}x, real time"
+
+
+def table() -> str:
+    rows = [
+        "| host GPU | CC | memory | mode | precision | torch build | flags | peak memory "
+        "| Moshi 7B per 80 ms frame |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, cc, memory in HOSTS:
+        profile = moshi_recommend(cc, memory)
+        index = profile["torch_index_url"].rsplit("/", 1)[-1] or "PyPI (cu128)"
+        flags = " ".join([*(f"{k}={v}" for k, v in profile["env"].items()), *profile["server_args"]])
+        rows.append(
+            f"| {name} | {cc or '-'} | {f'{memory / 1024:.0f} GiB' if memory else '-'} | {profile['mode']} "
+            f"| {profile['precision']} | {profile['torch_spec']} from {index} | `{flags}` "
+            f"| {profile['peak_gib']} GiB | {speed(profile)} |"
+        )
+    return "\n".join(rows)
+
+
+def embed(text: str) -> str:
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    return f"{head}{START}\n{table()}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", nargs="*", type=Path, default=[])
+    args = parser.parse_args(argv)
+    if not args.write:
+        print(table())
+    for path in args.write:
+        path.write_text(embed(path.read_text(encoding="utf-8")), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
