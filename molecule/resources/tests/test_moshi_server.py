@@ -1,6 +1,7 @@
 """Behaviour of a converged moshi_server host: service, hardening, offline start, real protocol."""
 
 import json
+import shlex
 
 import pytest
 
@@ -80,7 +81,7 @@ def test_websocket_route_answers_400_to_plain_http(host):
         "try: urllib.request.urlopen('http://127.0.0.1:8998/api/chat', timeout=5)\n"
         "except urllib.error.HTTPError as e: print(e.code)"
     )
-    assert host.check_output(f"python3 -c {json.dumps(fetch)}") == "400"
+    assert host.check_output(f"python3 -c {shlex.quote(fetch)}") == "400"
 
 
 def test_real_protocol_handshake_then_audio_and_text(host):
