@@ -219,8 +219,124 @@ def moshi_recommend(
     return moshi_profile("cpu", "bf16", params_billion=params_billion)
 
 
+# What playbooks/diagnose.yml reports per host (issue 5). Speeds are the measured medians above.
+DIAGNOSE_SOURCE = (
+    "docs/hardware.md, measured table (field notes section 2: Moshi 7B on an H200, CPU on 16 Xeon threads)"
+)
+_NO_GPU_PROBLEM = "moshi_server_mode=gpu but no GPU is known on this host"
+
+
+def torch_build_name(profile: dict[str, Any]) -> str:
+    """The torch build of a profile, e.g. "torch==2.9.1 from cu126" (PyPI's default build is cu128)."""
+    index = str(profile["torch_index_url"]).rsplit("/", 1)[-1] or "PyPI (cu128)"
+    return f"{profile['torch_spec']} from {index}"
+
+
+def moshi_diagnose(
+    gpu_cc: Any = None,
+    gpu_memory_mib: Any = None,
+    inventory_mode: Any = None,
+    inventory_precision: Any = None,
+    params_billion: Any = MOSHI_7B_PARAMS_B,
+    gpu_problems: Any = None,
+    inventory_gpu_cc: Any = None,
+    inventory_gpu_memory_mib: Any = None,
+) -> dict[str, Any]:
+    """What a host can run, and why: the diagnose row's verdict for detected GPU facts.
+
+    gpu_cc / gpu_memory_mib are what the host reports (None: no GPU). The capability columns are for
+    Moshi 7B; the inventory check (moshi_server_mode / moshi_server_precision, if either is set, the
+    other taking the role default) uses the host's model size, params_billion. gpu_problems are
+    runtime problems found on the host (e.g. WSL2 without libcuda) that block any GPU mode.
+    inventory_gpu_cc / inventory_gpu_memory_mib are the host's moshi_server_gpu_* settings, checked
+    against what the GPU reports.
+    Keys: gpu, family, torch_build, gpu_torch_build, compile_ok, bf16_ok, q8_ok (None without GPU),
+    fits (precision -> bool, None if memory unknown), largest_precision, realtime_factors
+    ("gpu/bf16" -> step / 80 ms), recommended_mode, recommended_precision, recommended_realtime,
+    inventory ("gpu/fp16" or None), inventory_realtime_factor, blockers, source.
+    """
+    ignored: list[str] = []
+    cc = _as_float(gpu_cc, "gpu compute capability", ignored)
+    memory_mib = _as_float(gpu_memory_mib, "gpu memory", ignored)
+    runtime_problems = [str(problem) for problem in gpu_problems or []]
+    has_gpu = cc is not None
+    family = gpu_family(cc) if cc is not None else None
+
+    fits: dict[str, bool] | None = None
+    if has_gpu and memory_mib is not None:
+        fits = {p: peak_memory_gib(p, MOSHI_7B_PARAMS_B) * 1024 <= memory_mib for p in PRECISIONS}
+    working = [
+        precision
+        for precision in PREFERENCE
+        if has_gpu and not moshi_profile("gpu", precision, gpu_cc, gpu_memory_mib)["problems"]
+    ]
+    factors: dict[str, float] = {}
+    for precision in working:
+        factors[f"gpu/{precision}"] = moshi_profile("gpu", precision, gpu_cc, gpu_memory_mib)[
+            "realtime_factor"
+        ]
+    factors["cpu/bf16"] = moshi_profile("cpu", "bf16")["realtime_factor"]
+    recommended = moshi_recommend(gpu_cc, gpu_memory_mib)
+
+    verdict: dict[str, Any] = {
+        "gpu": has_gpu,
+        "family": family.name if family else None,
+        "torch_build": torch_build_name(recommended),
+        "gpu_torch_build": (
+            torch_build_name(moshi_profile("gpu", "fp16", gpu_cc)) if family is not None else None
+        ),
+        "compile_ok": family.compile_ok if family else (False if has_gpu else None),
+        "bf16_ok": (cc >= BF16_MIN_CC) if cc is not None else None,
+        "q8_ok": (cc >= Q8_MIN_CC and (fits is None or fits["q8"])) if cc is not None else None,
+        "fits": fits,
+        "largest_precision": working[0] if working else None,
+        "realtime_factors": factors,
+        "recommended_mode": recommended["mode"],
+        "recommended_precision": recommended["precision"],
+        "recommended_realtime": recommended["realtime_factor"] is not None
+        and recommended["realtime_factor"] < 1,
+        "inventory": None,
+        "inventory_realtime_factor": None,
+        "blockers": [],
+        "source": DIAGNOSE_SOURCE,
+    }
+    if inventory_mode in (None, "") and inventory_precision in (None, ""):
+        return verdict
+
+    mode = str(inventory_mode or "cpu")
+    precision = str(inventory_precision or "bf16")
+    profile = moshi_profile(mode, precision, gpu_cc, gpu_memory_mib, params_billion)
+    blockers = [problem for problem in profile["problems"] if not problem.startswith(_NO_GPU_PROBLEM)]
+    if mode == "gpu" and not has_gpu:
+        blockers.insert(
+            0, "moshi_server_mode=gpu but no NVIDIA GPU was detected on this host: set moshi_server_mode=cpu"
+        )
+    if mode == "gpu":
+        blockers.extend(runtime_problems)
+    wanted_cc = _as_float(inventory_gpu_cc, "moshi_server_gpu_compute_capability", blockers)
+    if wanted_cc is not None and cc is not None and wanted_cc != cc:
+        blockers.append(
+            f"moshi_server_gpu_compute_capability={inventory_gpu_cc} but the GPU reports {gpu_cc}: "
+            "fix the inventory"
+        )
+    wanted_mib = _as_float(inventory_gpu_memory_mib, "moshi_server_gpu_memory_mib", blockers)
+    if wanted_mib is not None and memory_mib is not None and wanted_mib > memory_mib * 1.02:
+        blockers.append(
+            f"moshi_server_gpu_memory_mib={inventory_gpu_memory_mib} but the GPU has {memory_mib:.0f} MiB: "
+            "fix the inventory"
+        )
+    verdict["inventory"] = f"{mode}/{precision}"
+    verdict["inventory_realtime_factor"] = profile["realtime_factor"]
+    verdict["blockers"] = blockers
+    return verdict
+
+
 class FilterModule:
     """Ansible entry point."""
 
     def filters(self) -> dict[str, Any]:
-        return {"moshi_profile": moshi_profile, "moshi_recommend": moshi_recommend}
+        return {
+            "moshi_profile": moshi_profile,
+            "moshi_recommend": moshi_recommend,
+            "moshi_diagnose": moshi_diagnose,
+        }
