@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 MODES = ("cpu", "gpu")
+MODE_AUTO = "auto"  # resolved per host by moshi_resolve_mode
 PRECISIONS = ("bf16", "fp16", "q8")
 FLAVORS = ("kyutai",)
 
@@ -232,6 +233,20 @@ def torch_build_name(profile: dict[str, Any]) -> str:
     return f"{profile['torch_spec']} from {index}"
 
 
+def moshi_resolve_mode(
+    mode: str,
+    precision: str,
+    gpu_cc: Any = None,
+    gpu_memory_mib: Any = None,
+    params_billion: Any = MOSHI_7B_PARAMS_B,
+) -> str:
+    """``auto`` becomes ``gpu`` when this GPU can run ``precision``, else ``cpu``; others pass through."""
+    if mode != MODE_AUTO:
+        return mode
+    gpu = moshi_profile("gpu", precision, gpu_cc, gpu_memory_mib, params_billion)
+    return "gpu" if gpu_cc not in (None, "") and not gpu["problems"] else "cpu"
+
+
 def moshi_diagnose(
     gpu_cc: Any = None,
     gpu_memory_mib: Any = None,
@@ -303,8 +318,8 @@ def moshi_diagnose(
     if inventory_mode in (None, "") and inventory_precision in (None, ""):
         return verdict
 
-    mode = str(inventory_mode or "cpu")
     precision = str(inventory_precision or "bf16")
+    mode = moshi_resolve_mode(str(inventory_mode or "cpu"), precision, gpu_cc, gpu_memory_mib, params_billion)
     profile = moshi_profile(mode, precision, gpu_cc, gpu_memory_mib, params_billion)
     blockers = [problem for problem in profile["problems"] if not problem.startswith(_NO_GPU_PROBLEM)]
     if mode == "gpu" and not has_gpu:
@@ -338,5 +353,6 @@ class FilterModule:
         return {
             "moshi_profile": moshi_profile,
             "moshi_recommend": moshi_recommend,
+            "moshi_resolve_mode": moshi_resolve_mode,
             "moshi_diagnose": moshi_diagnose,
         }

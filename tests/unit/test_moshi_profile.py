@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from moshi_profile import INDEX_CPU, INDEX_CU126, INDEX_PYPI, FilterModule, moshi_profile
+from moshi_profile import INDEX_CPU, INDEX_CU126, INDEX_PYPI, FilterModule, moshi_profile, moshi_resolve_mode
 
 GTX_1080_TI = {"gpu_cc": "6.1", "gpu_memory_mib": 11264}
 RTX_5090 = {"gpu_cc": "12.0", "gpu_memory_mib": 32607}
@@ -129,3 +129,22 @@ def test_expected_speed_is_honest():
 
 def test_filter_is_registered_for_ansible():
     assert FilterModule().filters()["moshi_profile"] is moshi_profile
+
+
+@pytest.mark.parametrize(
+    ("precision", "gpu", "expected"),
+    [
+        ("bf16", RTX_5090, "gpu"),
+        ("bf16", GTX_1080_TI, "cpu"),  # gpu01: nothing works on its GPU
+        ("q8", RTX_2080_TI, "gpu"),
+        ("bf16", RTX_2080_TI, "cpu"),  # bf16 needs CC 8.0: auto falls back rather than fail
+        ("bf16", {}, "cpu"),
+    ],
+)
+def test_auto_mode_takes_the_gpu_only_when_it_can_run_the_precision(precision, gpu, expected):
+    assert moshi_resolve_mode("auto", precision, **gpu) == expected
+
+
+def test_explicit_modes_pass_through_unchanged():
+    assert moshi_resolve_mode("gpu", "bf16") == "gpu"
+    assert moshi_resolve_mode("cpu", "bf16", **RTX_5090) == "cpu"

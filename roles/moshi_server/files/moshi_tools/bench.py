@@ -449,7 +449,7 @@ def measure(args: argparse.Namespace, env_file_keys: list[str]) -> Result:
     else:
         precision = args.precision
         half = args.half or precision == "fp16"
-        model = f"random {args.arch} weights"
+        model = f"random {'full 7B' if args.arch == '7b' else args.arch} weights"
     dtype = torch.float16 if half else torch.bfloat16
 
     import moshi
@@ -580,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--env-file", type=Path, help="the service's environment file, loaded first")
     parser.add_argument("--warmup", type=int, default=20, help="untimed frames after the server warmup")
     parser.add_argument("--frames", type=int, default=200, help="timed frames")
-    parser.add_argument("--tmp-dir", type=Path, help="where the random q8 checkpoint is written")
+    parser.add_argument("--tmp-dir", type=Path, help="where the random q8 checkpoint goes (8 GB for 7B)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
