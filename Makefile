@@ -13,7 +13,7 @@ export ANSIBLE_FORCE_COLOR ?= 0
 
 MODELS      := build/models/tiny-bf16/config.json build/models/tiny-q8/config.json
 TOOLS_DIR   := roles/moshi_server/files
-SCENARIOS   ?= default q8
+SCENARIOS   ?= default q8 nvidia multihost
 ARGS        ?=
 
 .PHONY: help venv engine models lint unit molecule test demo demo-down bench-bridge clean
@@ -24,7 +24,7 @@ help:
 	@echo "make demo-down   remove the demo container"
 
 venv: $(VENV)/.stamp
-$(VENV)/.stamp: requirements/controller.txt $(TOOLS_DIR)/requirements-kyutai.txt
+$(VENV)/.stamp: requirements/controller.txt $(TOOLS_DIR)/requirements-kyutai.txt bridge/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/controller.txt
@@ -33,6 +33,8 @@ $(VENV)/.stamp: requirements/controller.txt $(TOOLS_DIR)/requirements-kyutai.txt
 	$(PY) -m pip install -q --find-links "$(WHEELHOUSE)" torch==2.13.0 bitsandbytes==0.49.2 \
 	  -r $(TOOLS_DIR)/requirements-kyutai.txt
 	$(PY) -m pip install -q --no-deps moshi==0.2.13
+	# The bridge, editable, with what its tests and benchmark need.
+	$(PY) -m pip install -q --no-build-isolation -e 'bridge[test]'
 	$(PY) -c 'import site, sys; open(site.getsitepackages()[0] + "/voice_stack_tools.pth", "w").write(sys.argv[1] + "\n")' \
 	  "$(CURDIR)/$(TOOLS_DIR)"
 	touch $@
@@ -51,9 +53,11 @@ lint: $(VENV)/.stamp
 	ruff check .
 	ruff format --check .
 	mypy plugins/filter $(TOOLS_DIR)/moshi_tools scripts
+	mypy --config-file bridge/pyproject.toml bridge/src
 
 unit: $(VENV)/.stamp
 	pytest -q tests
+	pytest -q bridge/tests
 
 molecule: $(VENV)/.stamp engine models
 	mkdir -p .cache/pip-hosts
@@ -68,7 +72,10 @@ demo: $(VENV)/.stamp engine models
 	./scripts/demo-container.sh up
 	ansible-playbook -i inventory/local molecule/resources/prepare.yml
 	ansible-playbook -i inventory/local site.yml $(ARGS)
-	$(PY) scripts/demo_summary.py
+	PYTHONPATH=scripts $(PY) scripts/demo_summary.py
+
+bench-bridge: $(VENV)/.stamp
+	$(PY) -m personaplex_bridge.bench
 
 demo-down:
 	./scripts/demo-container.sh down

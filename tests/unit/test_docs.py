@@ -33,7 +33,7 @@ def role_options(role: str) -> dict:
     return specs["argument_specs"]["main"]["options"]
 
 
-@pytest.mark.parametrize("role", ["moshi_server"])
+@pytest.mark.parametrize("role", ["moshi_server", "personaplex_bridge", "nvidia_runtime"])
 def test_every_role_variable_is_prefixed_specified_and_in_the_readme(role: str):
     defaults = yaml.safe_load((ROOT / "roles" / role / "defaults" / "main.yml").read_text())
     options = role_options(role)

@@ -121,3 +121,17 @@ def test_preflight_refuses_impossible_settings_and_changes_nothing(host, run_sit
     assert expected in result.stdout + result.stderr
     assert host.check_output(f"sha256sum {watched}") == before
     assert main_pid(host) == pid
+
+
+def test_moshi_bench_measures_the_service_configuration(host):
+    out = host.run("moshi-bench --warmup 2 --frames 10 --json")
+    assert out.rc == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["ok"] is True
+    assert result["env_file"] == "/etc/moshi-server/moshi-server.env"
+    assert result["model"] == "/opt/moshi/model"
+    assert result["device"] == "cpu"
+    assert result["median_ms"] > 0 and result["realtime_factor"] > 0
+    assert result["compile"] is False  # NO_TORCH_COMPILE=1, read from the service's env file
+    assert result["threads"] == 1  # OMP_NUM_THREADS=1, likewise
+    assert "NO_CUDA_GRAPH" not in result["env"]
