@@ -1,0 +1,45 @@
+"""The playbooks parse against both inventories, and production maps the user's hosts as designed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAYBOOKS = ["site.yml", "playbooks/diagnose.yml"]
+
+
+def ansible_playbook(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ansible-playbook", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env=os.environ | {"ANSIBLE_NOCOLOR": "1"},
+    )
+
+
+@pytest.mark.parametrize("inventory", ["inventory/production", "inventory/local"])
+@pytest.mark.parametrize("playbook", PLAYBOOKS)
+def test_playbook_parses(inventory: str, playbook: str):
+    result = ansible_playbook("-i", inventory, playbook, "--syntax-check")
+    assert result.returncode == 0, result.stderr
+
+
+def test_production_plays_target_the_right_hosts():
+    result = ansible_playbook("-i", "inventory/production", "site.yml", "--list-hosts")
+    assert result.returncode == 0, result.stderr
+    plays = result.stdout.split("play #")[1:]
+    hosts = [set(line.strip() for line in play.splitlines()[3:] if line.strip()) for play in plays]
+    assert hosts == [{"gpu01", "wsl2pc"}, {"gpu01", "wsl2pc"}, {"gpu01"}]  # nvidia, moshi, bridge
+
+
+def test_tags_select_one_concern():
+    result = ansible_playbook("-i", "inventory/production", "site.yml", "--list-tasks", "--tags", "bridge")
+    assert result.returncode == 0, result.stderr
+    assert "personaplex_bridge : Install the bridge wheel" in result.stdout
+    assert "moshi_server : Install" not in result.stdout
