@@ -6,43 +6,18 @@ controller against the scenario's inventory, the way an operator would.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
 from pathlib import Path
 
+from playbook_runner import PROJECT
+from playbook_runner import run_playbook as playbook
+
 testinfra_hosts = ["ansible://nvidia_hosts"]
 
-PROJECT = Path(__file__).resolve().parents[3]
 DIAGNOSE = PROJECT / "playbooks" / "diagnose.yml"
 CONVERGE = Path(__file__).resolve().parents[1] / "converge.yml"
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 MISSING_LIBCUDA = {"nvidia_runtime_wsl_libcuda_path": "/usr/lib/wsl/lib/missing/libcuda.so"}
-
-
-def playbook(path: Path, *args: str, extra_vars: dict | None = None) -> subprocess.CompletedProcess:
-    command = ["ansible-playbook", str(path), "-i", os.environ["MOLECULE_INVENTORY_FILE"], *args]
-    if extra_vars:
-        command += ["-e", json.dumps(extra_vars)]
-    result = subprocess.run(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,  # failures go to stderr under Molecule's environment
-        text=True,
-        timeout=240,
-        check=False,
-        env=os.environ
-        | {
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_ROLES_PATH": str(PROJECT / "roles"),
-            "ANSIBLE_FILTER_PLUGINS": str(PROJECT / "plugins/filter"),
-            "ANSIBLE_INJECT_FACT_VARS": "False",
-            "ANSIBLE_FORCE_COLOR": "0",
-        },
-    )
-    result.stdout = ANSI.sub("", result.stdout)
-    return result
 
 
 def recap(result: subprocess.CompletedProcess, host: str) -> dict[str, int]:
