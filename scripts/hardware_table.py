@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "filter"))
-from moshi_profile import moshi_recommend
+from moshi_profile import moshi_recommend, torch_build_name
 
 START, END = "<!-- hardware-table:start -->", "<!-- hardware-table:end -->"
 
@@ -46,11 +46,10 @@ def table() -> str:
     ]
     for name, cc, memory in HOSTS:
         profile = moshi_recommend(cc, memory)
-        index = profile["torch_index_url"].rsplit("/", 1)[-1] or "PyPI (cu128)"
         flags = " ".join([*(f"{k}={v}" for k, v in profile["env"].items()), *profile["server_args"]])
         rows.append(
             f"| {name} | {cc or '-'} | {f'{memory / 1024:.0f} GiB' if memory else '-'} | {profile['mode']} "
-            f"| {profile['precision']} | {profile['torch_spec']} from {index} | `{flags}` "
+            f"| {profile['precision']} | {torch_build_name(profile)} | `{flags}` "
             f"| {profile['peak_gib']} GiB | {speed(profile)} |"
         )
     return "\n".join(rows)
