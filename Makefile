@@ -61,8 +61,11 @@ unit: $(VENV)/.stamp
 
 molecule: $(VENV)/.stamp engine models
 	mkdir -p .cache/pip-hosts
+	# A scenario whose verifier finds no test would pass silently: treat that as a failure.
 	for scenario in $(SCENARIOS); do \
-	  molecule test --no-command-borders -s $$scenario || exit 1; \
+	  molecule test --no-command-borders -s $$scenario 2>&1 | tee .cache/molecule-$$scenario.log; \
+	  if grep -q "no tests found" .cache/molecule-$$scenario.log; then \
+	    echo "Molecule scenario $$scenario ran no test"; exit 1; fi; \
 	done
 
 test: lint unit molecule
