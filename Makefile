@@ -52,7 +52,7 @@ lint: $(VENV)/.stamp
 	ansible-lint
 	ruff check .
 	ruff format --check .
-	mypy plugins/filter $(TOOLS_DIR)/moshi_tools scripts
+	mypy plugins/filter $(TOOLS_DIR)/moshi_tools scripts roles/personaplex_bridge/files
 	mypy --config-file bridge/pyproject.toml bridge/src
 
 unit: $(VENV)/.stamp
