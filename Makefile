@@ -13,10 +13,10 @@ export ANSIBLE_FORCE_COLOR ?= 0
 
 MODELS      := build/models/tiny-bf16/config.json build/models/tiny-q8/config.json
 TOOLS_DIR   := roles/moshi_server/files
-SCENARIOS   ?= default q8 nvidia multihost
+SCENARIOS   ?= default q8 nvidia multihost redeploy
 ARGS        ?=
 
-.PHONY: help venv engine models lint unit molecule test demo demo-down bench-bridge clean
+.PHONY: help venv engine models lint unit molecule test demo demo-down bench-bridge bench-deploy clean
 
 help:
 	@echo "make demo        deploy the whole stack onto a local systemd container (CPU, tiny model)"
@@ -52,7 +52,7 @@ lint: $(VENV)/.stamp
 	ansible-lint
 	ruff check .
 	ruff format --check .
-	mypy plugins/filter $(TOOLS_DIR)/moshi_tools scripts
+	mypy plugins/filter $(TOOLS_DIR)/moshi_tools scripts roles/personaplex_bridge/files
 	mypy --config-file bridge/pyproject.toml bridge/src
 
 unit: $(VENV)/.stamp
@@ -79,6 +79,11 @@ demo: $(VENV)/.stamp engine models
 
 bench-bridge: $(VENV)/.stamp
 	$(PY) -m personaplex_bridge.bench
+
+# Deployment timings in the Molecule environment (fresh converge, idempotent re-run, bridge redeploy).
+bench-deploy: $(VENV)/.stamp engine models
+	mkdir -p .cache/pip-hosts
+	./scripts/bench-deploy.sh
 
 demo-down:
 	./scripts/demo-container.sh down
