@@ -5,15 +5,15 @@ exits 1), rolled back to B automatically. Then rollback.yml (B -> A), then D (pr
 """
 
 import json
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+from playbook_runner import PROJECT, run_playbook
+
 testinfra_hosts = ["ansible://redeploy-host"]
 
-PROJECT = Path(__file__).resolve().parents[3]
 BRIDGE = "/opt/personaplex-bridge"
 MOSHI = "/opt/moshi"
 ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{7,}$")
@@ -34,25 +34,7 @@ seen: dict = {}
 
 
 def playbook(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            "ansible-playbook",
-            str(PROJECT / "playbooks" / name),
-            "-i",
-            os.environ["MOLECULE_INVENTORY_FILE"],
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env=os.environ
-        | {
-            "ANSIBLE_NOCOLOR": "1",
-            "ANSIBLE_ROLES_PATH": str(PROJECT / "roles"),
-            "ANSIBLE_FILTER_PLUGINS": str(PROJECT / "plugins/filter"),
-        },
-    )
+    return run_playbook(PROJECT / "playbooks" / name, *args)
 
 
 def bridge_copy(tmp_path_factory, name: str, edit) -> Path:
@@ -136,7 +118,7 @@ def test_broken_bridge_c_fails_its_gate_and_b_is_restored(host, tmp_path_factory
     result = redeploy_bridge(source)
     assert result.returncode != 0
     (failed,) = set(releases(host, BRIDGE)) - {seen["A"], seen["B"]}
-    message = result.stdout + result.stderr
+    message = result.stdout
     assert "REDEPLOY FAILED, ROLLED BACK" in message, message[-3000:]
     assert f"failed release:   {failed}" in message
     assert f"restored release: {seen['B']}" in message

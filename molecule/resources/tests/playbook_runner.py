@@ -22,7 +22,7 @@ def run_playbook(path: Path, *args: str, extra_vars: dict | None = None) -> subp
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,  # failures go to stderr under Molecule's environment
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
         env=os.environ
         | {
