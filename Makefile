@@ -52,7 +52,7 @@ lint: $(VENV)/.stamp
 	ansible-lint
 	ruff check .
 	ruff format --check .
-	mypy plugins/filter $(TOOLS_DIR)/moshi_tools scripts roles/personaplex_bridge/files
+	mypy plugins/filter $(TOOLS_DIR)/moshi_tools scripts roles/personaplex_bridge/files roles/service_release/files
 	mypy --config-file bridge/pyproject.toml bridge/src
 
 unit: $(VENV)/.stamp
@@ -81,9 +81,10 @@ bench-bridge: $(VENV)/.stamp
 	$(PY) -m personaplex_bridge.bench
 
 # Deployment timings in the Molecule environment (fresh converge, idempotent re-run, bridge redeploy).
+# BASELINE=REV runs the same steps from a worktree of REV first, for a side-by-side ratio.
 bench-deploy: $(VENV)/.stamp engine models
 	mkdir -p .cache/pip-hosts
-	./scripts/bench-deploy.sh
+	BASELINE=$(BASELINE) ./scripts/bench-deploy.sh
 
 demo-down:
 	./scripts/demo-container.sh down

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -222,3 +223,43 @@ def test_benchmark_command_prints_its_table():
     ):
         assert f"| {row}" in out
     assert "target p99 added <= 1 ms" in out
+
+
+def run_ready_check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "personaplex_bridge.ready_check", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+async def test_ready_check_reads_the_token_from_the_env_file(mas, bridge_process, tmp_path):
+    """The redeploy health gate's protocol check, against a real bridge that requires a token."""
+    proc = bridge_process(clean_env(BRIDGE_MAS_URL=mas.url, BRIDGE_TOKEN="s3cret"))
+    async with aiohttp.ClientSession() as http:
+        await proc.wait_up(http)
+    url = f"ws://127.0.0.1:{proc.port}/ws"
+    good = tmp_path / "good.env"
+    good.write_text("# the service's env file\nBRIDGE_MAS_URL=http://x/c\nBRIDGE_TOKEN=s3cret\n")
+    wrong = tmp_path / "wrong.env"
+    wrong.write_text("BRIDGE_TOKEN=nope\n")
+
+    ok = await asyncio.to_thread(run_ready_check, str(good), url)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["type"] == "ready"
+    assert "s3cret" not in ok.stdout + ok.stderr
+
+    refused = await asyncio.to_thread(run_ready_check, str(wrong), url)
+    assert refused.returncode == 1
+    assert "no ready event" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    down = await asyncio.to_thread(run_ready_check, str(good), f"ws://127.0.0.1:{free_port()}/ws")
+    assert down.returncode == 1
+    assert "no ready event" in down.stderr
+
+    usage = await asyncio.to_thread(run_ready_check, str(good))
+    assert usage.returncode == 2
+    assert "usage:" in usage.stderr

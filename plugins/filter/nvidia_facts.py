@@ -11,6 +11,7 @@ Parsing and decisions live here, as plain functions with table-driven tests
 - :func:`nvidia_cc_fallback` / :func:`nvidia_pci_fallback`: compute capability by GPU name or PCI id;
 - :func:`nvidia_driver_plan`: the driver branch, kernel-module flavour and packages for a GPU generation;
 - :func:`nvidia_runtime_detect`: all of the above, as the facts the role sets;
+- ``READ_SCRIPT`` (:func:`nvidia_read_script`): reads all of it on the host in one command;
 - :func:`nvidia_diagnose_row` / :func:`nvidia_diagnose_table`: the table playbooks/diagnose.yml prints.
 
 What Moshi can run on the GPU (precision, torch build, speed) is decided in moshi_profile.py, not here.
@@ -193,6 +194,49 @@ def nvidia_pci_gpus(grep_output: Any) -> list[dict[str, str]]:
         for address, attrs in sorted(devices.items())
         if attrs.get("vendor") == NVIDIA_VENDOR and attrs.get("class", "").startswith(DISPLAY_CLASS_PREFIX)
     ]
+
+
+# Run on the host as ``python3 -c READ_SCRIPT JSON``; reads every input of nvidia_runtime_detect in one
+# command (changes nothing). JSON: {"osrelease", "proc_version", "pci_dir", "files": [paths],
+# "smi": [candidate nvidia-smi paths], "query", "query_no_cc"}. The role picks the nvidia-smi result
+# for the path that fits the host (WSL2 or native).
+READ_SCRIPT = """
+import glob, json, os, subprocess, sys
+args = json.loads(sys.argv[1])
+def read(path):
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return ""
+def smi(path, query):
+    try:
+        done = subprocess.run([path, "--query-gpu=" + query, "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=60)
+        return done.returncode, done.stdout, done.stderr
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 127, "", str(exc)
+pci = []
+for attr in ("vendor", "class", "device"):
+    for path in sorted(glob.glob(os.path.join(glob.escape(args["pci_dir"]), "*", attr))):
+        pci.extend(path + ":" + line for line in read(path).splitlines() if line)
+out = {"osrelease": read(args["osrelease"]), "proc_version": read(args["proc_version"]),
+       "pci": "\\n".join(pci), "exists": {p: os.path.exists(p) for p in args["files"]}, "smi": {}}
+for path in args["smi"]:
+    if not os.path.isfile(path):
+        out["smi"][path] = {"found": False}
+        continue
+    rc, stdout, stderr = smi(path, args["query"])
+    result = {"found": True, "rc": rc, "stdout": stdout, "stderr": stderr, "nocc_stdout": ""}
+    if rc != 0:
+        result["nocc_stdout"] = smi(path, args["query_no_cc"])[1]
+    out["smi"][path] = result
+print(json.dumps(out))
+"""
+
+
+def nvidia_read_script(_: Any = None) -> str:
+    return READ_SCRIPT
 
 
 # --- knowledge tables ---------------------------------------------------------------------------------
@@ -566,6 +610,7 @@ class FilterModule:
             "nvidia_generation": nvidia_generation,
             "nvidia_driver_plan": nvidia_driver_plan,
             "nvidia_runtime_detect": nvidia_runtime_detect,
+            "nvidia_read_script": nvidia_read_script,
             "nvidia_diagnose_row": nvidia_diagnose_row,
             "nvidia_diagnose_table": nvidia_diagnose_table,
         }

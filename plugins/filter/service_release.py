@@ -3,9 +3,12 @@
 Layout on the host (roles/service_release): ``ROOT/releases/ID/`` holds one release (venv, code,
 rendered config) and ``ROOT/current`` points at the live one. A release is complete once its
 ``FINGERPRINT`` file is written (last step of a build); ``FAILED`` marks one that failed its health
-gate. The host's state is read by one command (``STATE_SCRIPT``) and judged here:
+gate. FINGERPRINT's first line is the sha256 of the release's inputs; its second line, the venv key,
+names what the release's venv holds (third-party packages and the host's Python), so a new release
+whose venv would hold the same starts from a copy of the live one (``seed``) instead of reinstalling.
+The host's state is read by one command (``STATE_SCRIPT``) and judged here:
 
-    {{ state | service_release_plan(fingerprint, new_id, keep, root) }}
+    {{ state | service_release_plan(fingerprint, new_id, keep, root, links=..., venv_key=...) }}
 
 Ids are ``YYYYMMDDTHHMMSSZ-REV`` (UTC, then the git short revision of this repository): they sort in
 time order as plain strings and say which commit built them.
@@ -22,23 +25,30 @@ from typing import Any
 
 ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9A-Za-z]+$")
 
-# Run on the host as ``python3 -c STATE_SCRIPT ROOT [STABLE_PATH ...]``; prints one JSON object.
+# Run on the host as ``python3 -c STATE_SCRIPT ROOT '{"stable": [...], "obsolete": [...]}'``; prints
+# one JSON object. Stable paths must be symlinks into current; obsolete ones (left by the layout before
+# releases) must not exist.
 STATE_SCRIPT = """
 import json, os, sys
-root, stable = sys.argv[1], sys.argv[2:]
+root, paths = sys.argv[1], json.loads(sys.argv[2])
+stable = paths.get("stable", [])
 releases = os.path.join(root, "releases")
 current = os.path.join(root, "current")
 def read(path):
     try:
         with open(path) as handle:
-            return handle.read().strip()
+            return handle.read().strip().splitlines() or [""]
     except OSError:
-        return None
+        return [None]
 out = {"current": os.path.basename(os.readlink(current)) if os.path.islink(current) else None,
-       "releases": [], "legacy": [p for p in stable if os.path.lexists(p) and not os.path.islink(p)]}
+       "releases": [], "legacy": [p for p in stable if os.path.lexists(p) and not os.path.islink(p)],
+       "links": {p: os.readlink(p) for p in stable if os.path.islink(p)},
+       "obsolete": [p for p in paths.get("obsolete", []) if os.path.lexists(p)],
+       "python": "%d.%d" % sys.version_info[:2]}
 for name in sorted(os.listdir(releases)) if os.path.isdir(releases) else []:
     path = os.path.join(releases, name)
-    out["releases"].append({"id": name, "fingerprint": read(os.path.join(path, "FINGERPRINT")),
+    fingerprint = read(os.path.join(path, "FINGERPRINT")) + [None]
+    out["releases"].append({"id": name, "fingerprint": fingerprint[0], "venv_key": fingerprint[1],
                             "failed": os.path.exists(os.path.join(path, "FAILED"))})
 print(json.dumps(out))
 """
@@ -94,10 +104,34 @@ def service_release_prune(
     return sorted(r["id"] for r in state.get("releases", []) if r["id"] not in kept)
 
 
+def service_release_venv_key(state: Mapping[str, Any], venv_key: str) -> str:
+    """The venv key a release records (FINGERPRINT's second line): the caller's key and the host's
+    Python (``3.11``)."""
+    return f"{venv_key} python{state.get('python', '?')}" if venv_key else ""
+
+
+def service_release_links_to_fix(
+    state: Mapping[str, Any], links: Sequence[Mapping[str, str]]
+) -> list[dict[str, str]]:
+    """The stable paths that are not yet the symlink they should be (``{path, src}`` items)."""
+    found = state.get("links", {})
+    return [dict(link) for link in links if found.get(link["path"]) != link["src"]]
+
+
 def service_release_plan(
-    state: Mapping[str, Any], fingerprint: str, new_id: str, keep: int, root: str
+    state: Mapping[str, Any],
+    fingerprint: str,
+    new_id: str,
+    keep: int,
+    root: str,
+    links: Sequence[Mapping[str, str]] = (),
+    venv_key: str = "",
 ) -> dict[str, Any]:
-    """Build a new release or keep the current one; what the play does next, in one dict."""
+    """Build a new release or keep the current one; what the play does next, in one dict.
+
+    ``seed`` is the live release's directory when a new release is needed and its venv holds what the
+    new one would (same ``venv_key`` and the same host Python): the new venv starts as a copy of it.
+    """
     if not ID_RE.match(new_id):
         raise ValueError(f"not a release id: {new_id!r}")
     releases = list(state.get("releases", []))
@@ -109,6 +143,8 @@ def service_release_plan(
         raise ValueError(f"release {new_id} already exists under {root}/releases: retry in a second")
     target = new_id if needed else current
     after = {"releases": [*releases, {"id": new_id, "fingerprint": fingerprint, "failed": False}]}
+    key = service_release_venv_key(state, venv_key)
+    seed = needed and live is not None and bool(key) and live.get("venv_key") == key
     return {
         "needed": needed,
         "id": target,
@@ -118,8 +154,13 @@ def service_release_plan(
         "previous": service_release_previous(state, current),
         "prune": service_release_prune(after if needed else state, target, keep, [current] if needed else []),
         "legacy": list(state.get("legacy", [])),
+        "obsolete": list(state.get("obsolete", [])),
         "releases": [r["id"] for r in releases],
         "fingerprint": fingerprint,
+        "venv_key": key,
+        "seed": f"{root}/releases/{current}" if seed else None,
+        "links_to_fix": service_release_links_to_fix(state, links),
+        "present": sorted([*state.get("links", {}), *state.get("legacy", [])]),
     }
 
 
@@ -136,4 +177,5 @@ class FilterModule:
             "service_release_prune": service_release_prune,
             "service_release_previous": service_release_previous,
             "service_release_state_script": service_release_state_script,
+            "service_release_links_to_fix": service_release_links_to_fix,
         }

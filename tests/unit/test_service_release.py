@@ -21,8 +21,8 @@ from service_release import (
 A, B, C, D = (f"2026112{i}T074500Z-b122b75" for i in range(4))
 
 
-def rel(id_: str, fingerprint: str | None = "f", failed: bool = False) -> dict:
-    return {"id": id_, "fingerprint": fingerprint, "failed": failed}
+def rel(id_: str, fingerprint: str | None = "f", failed: bool = False, venv_key: str | None = None) -> dict:
+    return {"id": id_, "fingerprint": fingerprint, "venv_key": venv_key, "failed": failed}
 
 
 def test_ids_are_utc_sortable_and_name_the_revision():
@@ -80,20 +80,85 @@ def test_rollback_target_is_the_newest_healthy_older_release():
 
 
 def test_state_script_reads_a_release_tree(tmp_path):
-    for name, files in ((A, {"FINGERPRINT": "f1"}), (B, {"FINGERPRINT": "f2", "FAILED": "x"}), (C, {})):
+    files_by_release = (
+        (A, {"FINGERPRINT": "f1\nk1 python3.11"}),  # the venv key on the second line
+        (B, {"FINGERPRINT": "f2", "FAILED": "x"}),  # a release from before venv keys
+        (C, {}),  # incomplete
+    )
+    for name, files in files_by_release:
         (tmp_path / "releases" / name).mkdir(parents=True)
         for file, text in files.items():
             (tmp_path / "releases" / name / file).write_text(text + "\n")
     (tmp_path / "current").symlink_to(f"releases/{A}")
     (tmp_path / "venv").mkdir()  # a pre-release layout left a real directory at a stable path
+    (tmp_path / "lib").symlink_to("current/lib")
+    (tmp_path / "installed-wheel.sha256").write_text("old layout\n")
+    paths = {
+        "stable": [str(tmp_path / name) for name in ("venv", "lib", "unit")],
+        "obsolete": [str(tmp_path / name) for name in ("installed-wheel.sha256", "wheels")],
+    }
     out = subprocess.run(
-        [sys.executable, "-c", STATE_SCRIPT, str(tmp_path), str(tmp_path / "venv"), str(tmp_path / "lib")],
+        [sys.executable, "-c", STATE_SCRIPT, str(tmp_path), json.dumps(paths)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     state = json.loads(out.stdout)
     assert state["current"] == A
-    assert state["releases"] == [rel(A, "f1"), rel(B, "f2", failed=True), rel(C, None)]
+    assert state["releases"] == [
+        rel(A, "f1", venv_key="k1 python3.11"),
+        rel(B, "f2", failed=True),
+        rel(C, None),
+    ]
     assert state["legacy"] == [str(tmp_path / "venv")]
+    assert state["links"] == {str(tmp_path / "lib"): "current/lib"}
+    assert state["obsolete"] == [str(tmp_path / "installed-wheel.sha256")]
+    assert service_release_plan(state, "f1", D, 3, str(tmp_path))["obsolete"] == state["obsolete"]
+    assert state["python"] == f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+LINKS = [
+    {"path": "/opt/x/venv", "src": "current/venv"},
+    {"path": "/etc/x.env", "src": "/opt/x/current/x.env"},
+]
+
+
+def test_only_wrong_or_missing_links_are_fixed_and_present_paths_are_listed():
+    state = {
+        "current": A,
+        "releases": [rel(A, "f1")],
+        "links": {"/opt/x/venv": "current/venv", "/etc/x.env": "/elsewhere"},
+        "legacy": ["/etc/x.service"],
+    }
+    plan = service_release_plan(state, "f1", B, 3, "/opt/x", links=LINKS)
+    assert plan["links_to_fix"] == [LINKS[1]]
+    assert plan["present"] == ["/etc/x.env", "/etc/x.service", "/opt/x/venv"]
+    state["links"]["/etc/x.env"] = "/opt/x/current/x.env"
+    assert service_release_plan(state, "f1", B, 3, "/opt/x", links=LINKS)["links_to_fix"] == []
+    fresh = service_release_plan({"current": None, "releases": []}, "f1", A, 3, "/opt/x", links=LINKS)
+    assert fresh["links_to_fix"] == LINKS
+    assert fresh["present"] == []
+
+
+def test_a_new_release_starts_from_the_live_venv_only_when_it_would_hold_the_same():
+    live = {"current": A, "python": "3.11", "releases": [rel(A, "f1", venv_key="k1 python3.11")]}
+    same = service_release_plan(live, "f2", B, 3, "/opt/x", venv_key="k1")
+    assert same["needed"]
+    assert same["seed"] == f"/opt/x/releases/{A}"
+    assert same["venv_key"] == "k1 python3.11"
+    # Other packages, another Python, no key, nothing to build, no live release: a fresh venv.
+    assert service_release_plan(live, "f2", B, 3, "/opt/x", venv_key="k2")["seed"] is None
+    assert (
+        service_release_plan({**live, "python": "3.12"}, "f2", B, 3, "/opt/x", venv_key="k1")["seed"] is None
+    )
+    assert service_release_plan(live, "f2", B, 3, "/opt/x")["seed"] is None
+    assert service_release_plan(live, "f1", B, 3, "/opt/x", venv_key="k1")["seed"] is None
+    first = service_release_plan(
+        {"current": None, "releases": [], "python": "3.11"}, "f", A, 3, "/x", venv_key="k1"
+    )
+    assert first["seed"] is None
+    assert first["venv_key"] == "k1 python3.11"
+    # A release from before venv keys is never a seed.
+    old = {"current": A, "python": "3.11", "releases": [rel(A, "f1")]}
+    assert service_release_plan(old, "f2", B, 3, "/opt/x", venv_key="k1")["seed"] is None
 
 
 def test_filters_are_registered():

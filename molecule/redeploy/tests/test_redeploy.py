@@ -18,7 +18,7 @@ BRIDGE = "/opt/personaplex-bridge"
 MOSHI = "/opt/moshi"
 ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{7,}$")
 READY = (
-    f"{BRIDGE}/venv/bin/python {BRIDGE}/current/ready_check.py "
+    f"{BRIDGE}/venv/bin/python -m personaplex_bridge.ready_check "
     "/etc/personaplex-bridge/personaplex-bridge.env ws://127.0.0.1:8999/ws"
 )
 PROBE = (
@@ -62,6 +62,12 @@ def ready(host) -> dict:
     out = host.run(READY)
     assert out.rc == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def task_status(stdout: str, task: str) -> str:
+    """The first result word after a task's header in the playbook output (ok, changed, skipping...)."""
+    after = stdout.split(task, 1)[1].splitlines()[1:]
+    return next(line.split(":")[0] for line in after if line.strip() and not line.startswith("*"))
 
 
 def redeploy_bridge(source: Path) -> subprocess.CompletedProcess:
@@ -165,3 +171,31 @@ def test_redeploy_leaves_unchanged_services_alone(host):
     assert result.stdout.count("Not drained, not restarted") == 2
     assert {s: main_pid(host, s) for s in before} == before
     assert (releases(host, BRIDGE), releases(host, MOSHI)) == releases_before
+
+
+def test_changed_moshi_config_is_redeployed_on_a_copied_venv_without_touching_the_bridge(host):
+    """A configuration-only Moshi change: new release, venv copied from the live one (same packages,
+    nothing reinstalled), Moshi restarted and probed; the bridge keeps running."""
+    old = current(host, MOSHI)
+    bridge_pid = main_pid(host, "personaplex-bridge")
+    models = host.check_output("sha256sum $(find /opt/moshi/model -type f | sort)")
+    extra = json.dumps({"moshi_server_extra_env": {"MOSHI_REDEPLOY_TEST": "1"}})
+    result = playbook("redeploy.yml", "-l", "redeploy-host", "-t", "moshi", "-e", extra)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert task_status(result.stdout, "Start the new venv as a copy of the live release's") == "changed"
+    assert task_status(result.stdout, "Install torch first") == "skipping"  # nothing reinstalled
+    new = current(host, MOSHI)
+    assert new > old
+    assert releases(host, MOSHI) == [old, new]
+    venv_keys = [host.check_output(f"sed -n 2p {MOSHI}/releases/{r}/FINGERPRINT") for r in (old, new)]
+    assert venv_keys[0] == venv_keys[1]
+    assert venv_keys[0].endswith(" python3.11")
+    assert "MOSHI_REDEPLOY_TEST=1" in host.check_output("cat /etc/moshi-server/moshi-server.env")
+    pid = main_pid(host, "moshi-server")
+    assert pid != seen["moshi_pid"]
+    assert host.run(f"grep -q {MOSHI}/releases/{new}/venv/ /proc/{pid}/maps").rc == 0  # runs the copy
+    probe = host.run(PROBE)
+    assert probe.rc == 0, probe.stdout + probe.stderr
+    assert json.loads(probe.stdout)["handshake"] is True
+    assert main_pid(host, "personaplex-bridge") == bridge_pid  # the bridge untouched
+    assert host.check_output("sha256sum $(find /opt/moshi/model -type f | sort)") == models

@@ -1,9 +1,10 @@
 """Protocol check of a running bridge: open /ws and expect the ``ready`` event first.
 
-    python ready_check.py ENV_FILE ws://127.0.0.1:8999/ws
+    python -m personaplex_bridge.ready_check ENV_FILE ws://127.0.0.1:8999/ws
 
+The health gate of playbooks/redeploy.yml and rollback.yml runs it with the live release's venv.
 Reads BRIDGE_TOKEN from the service's environment file (root only), so no secret is on the command
-line. Prints the ready event as JSON; exits 1 with the reason otherwise.
+line. Prints the ready event as JSON and exits 0; exits 1 with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import aiohttp
 def read_env(path: str) -> dict[str, str]:
     with open(path, encoding="utf-8") as handle:
         lines = [line.strip() for line in handle]
-    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    pairs = (line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    return {key: value for key, value in pairs}
 
 
 async def first_event(url: str, token: str) -> dict[str, object]:
@@ -32,8 +34,11 @@ async def first_event(url: str, token: str) -> dict[str, object]:
         return event
 
 
-def main() -> int:
-    env_file, url = sys.argv[1], sys.argv[2]
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m personaplex_bridge.ready_check ENV_FILE WS_URL", file=sys.stderr)
+        return 2
+    env_file, url = argv
     try:
         event = asyncio.run(first_event(url, read_env(env_file).get("BRIDGE_TOKEN", "")))
     except (OSError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -47,4 +52,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
