@@ -198,7 +198,9 @@ def nvidia_pci_gpus(grep_output: Any) -> list[dict[str, str]]:
 
 # Run on the host as ``python3 -c READ_SCRIPT JSON``; reads every input of nvidia_runtime_detect in one
 # command (changes nothing). JSON: {"osrelease", "proc_version", "pci_dir", "files": [paths],
-# "smi": [candidate nvidia-smi paths], "query", "query_no_cc"}. The role picks the nvidia-smi result
+# "smi": [candidate nvidia-smi paths], "query", "query_no_cc", "container_marks": [[path, name or null]]}.
+# The first container mark that exists names the container (null: the file's text, as systemd writes
+# /run/systemd/container). The role picks the nvidia-smi result
 # for the path that fits the host (WSL2 or native).
 READ_SCRIPT = """
 import glob, json, os, subprocess, sys
@@ -220,8 +222,14 @@ pci = []
 for attr in ("vendor", "class", "device"):
     for path in sorted(glob.glob(os.path.join(glob.escape(args["pci_dir"]), "*", attr))):
         pci.extend(path + ":" + line for line in read(path).splitlines() if line)
+container = ""
+for path, name in args.get("container_marks", []):
+    if os.path.exists(path):
+        container = name or read(path).strip() or "container"
+        break
 out = {"osrelease": read(args["osrelease"]), "proc_version": read(args["proc_version"]),
-       "pci": "\\n".join(pci), "exists": {p: os.path.exists(p) for p in args["files"]}, "smi": {}}
+       "container": container, "pci": "\\n".join(pci),
+       "exists": {p: os.path.exists(p) for p in args["files"]}, "smi": {}}
 for path in args["smi"]:
     if not os.path.isfile(path):
         out["smi"][path] = {"found": False}
@@ -414,8 +422,16 @@ def nvidia_runtime_detect(inputs: Mapping[str, Any]) -> dict[str, Any]:
     smi_found (bool), smi_rc, smi_stdout, smi_stderr (the full query), smi_nocc_stdout (the query
     without compute_cap, run only on old drivers), libcuda_present, dxg_present, module_loaded
     (/proc/driver/nvidia/version exists), libcuda_path, gpu_present_override,
-    compute_capability_override, memory_mib_override.
+    compute_capability_override, memory_mib_override, container (the container's name, "" on a
+    machine), container_override (bool or None).
+
+    In a container, sysfs shows the machine's GPUs, but a driver belongs to the machine's kernel: the
+    facts say so (``in_container``) and the role installs none there.
     """
+    container_override = inputs.get("container_override")
+    container = str(_get(inputs, "container", "")).strip()
+    if container_override is not None:
+        container = (container or "container") if container_override else ""
     override = inputs.get("wsl2_override")
     wsl = (
         (2 if override else 0)
@@ -423,6 +439,8 @@ def nvidia_runtime_detect(inputs: Mapping[str, Any]) -> dict[str, Any]:
         else nvidia_wsl_version(inputs.get("osrelease"), inputs.get("proc_version"))
     )
     is_wsl2 = wsl == 2
+    if is_wsl2 and container_override is None:
+        container = ""  # systemd counts WSL itself as a container ("wsl"); WSL2 has its own path
     pci = nvidia_pci_gpus(inputs.get("pci"))
     problems: list[str] = []
     notes: list[str] = []
@@ -479,6 +497,8 @@ def nvidia_runtime_detect(inputs: Mapping[str, Any]) -> dict[str, Any]:
             "driver_version": None,
             "driver_loaded": False,
             "wsl_libcuda_present": libcuda,
+            "in_container": bool(container),
+            "container": container or None,
             "problems": [],
             "notes": [],
         }
@@ -499,7 +519,12 @@ def nvidia_runtime_detect(inputs: Mapping[str, Any]) -> dict[str, Any]:
     problems.extend(nvidia_driver_problems(generation, driver_version, is_wsl2))
     # WSL2 has no NVIDIA kernel module: the Windows driver reaches Linux through libcuda.
     loaded = libcuda if is_wsl2 else bool(inputs.get("module_loaded")) or bool(gpus)
-    if not is_wsl2 and not loaded:
+    if not is_wsl2 and not loaded and container:
+        notes.append(
+            f"inside a {container} container: the GPU belongs to the machine, whose driver must reach it "
+            "(NVIDIA Container Toolkit, `--gpus`); no driver is installed in a container"
+        )
+    elif not is_wsl2 and not loaded:
         notes.append("no NVIDIA driver is loaded yet: the nvidia_runtime role installs one")
     return {
         "is_wsl2": is_wsl2,
@@ -515,6 +540,8 @@ def nvidia_runtime_detect(inputs: Mapping[str, Any]) -> dict[str, Any]:
         "driver_version": driver_version,
         "driver_loaded": loaded,
         "wsl_libcuda_present": libcuda,
+        "in_container": bool(container),
+        "container": container or None,
         "problems": problems,
         "notes": notes,
     }

@@ -486,3 +486,31 @@ def test_filters_are_registered_for_ansible():
     assert filters["nvidia_runtime_detect"] is nvidia_runtime_detect
     assert filters["nvidia_is_wsl2"] is nvidia_is_wsl2
     assert filters["nvidia_driver_plan"] is nvidia_driver_plan
+
+
+def test_a_container_sees_the_machines_gpu_but_is_never_given_a_driver():
+    seen = {**NATIVE, "pci": fixture("pci-gtx-1080-ti.txt"), "smi_found": False, "module_loaded": False}
+    facts = nvidia_runtime_detect({**seen, "container": "docker"})
+    assert facts["gpu_present"] is True
+    assert facts["in_container"] is True
+    assert facts["container"] == "docker"
+    assert facts["driver_loaded"] is False
+    assert any("inside a docker container" in note for note in facts["notes"])
+    assert not any("installs one" in note for note in facts["notes"])
+    # The override treats it as a machine (the Molecule test of the install path), or forces a container.
+    machine = nvidia_runtime_detect({**seen, "container": "docker", "container_override": False})
+    assert machine["in_container"] is False
+    assert any("installs one" in note for note in machine["notes"])
+    forced = nvidia_runtime_detect({**seen, "container_override": True})
+    assert (forced["in_container"], forced["container"]) == (True, "container")
+    # On a machine nothing is said about containers.
+    assert nvidia_runtime_detect(seen)["in_container"] is False
+
+
+def test_wsl2_is_not_a_container_even_when_systemd_says_wsl():
+    facts = nvidia_runtime_detect(
+        {**WSL2, "container": "wsl", "libcuda_present": True, **smi("wsl2-rtx-5090.csv")}
+    )
+    assert facts["is_wsl2"] is True
+    assert facts["in_container"] is False
+    assert facts["container"] is None

@@ -27,7 +27,7 @@ def fake_smi(path: Path, with_cc: str, without_cc: str = "", rc_with_cc: int = 0
     return str(path)
 
 
-def read(tmp_path: Path, smi: list[str], files: list[str]) -> dict:
+def read(tmp_path: Path, smi: list[str], files: list[str], marks: list | None = None) -> dict:
     pci = tmp_path / "pci"
     gpu = pci / "0000:01:00.0"
     gpu.mkdir(parents=True)
@@ -41,6 +41,7 @@ def read(tmp_path: Path, smi: list[str], files: list[str]) -> dict:
         "smi": smi,
         "query": QUERY,
         "query_no_cc": QUERY_NO_CC,
+        "container_marks": marks or [],
     }
     out = subprocess.run(
         [sys.executable, "-c", READ_SCRIPT, json.dumps(args)], capture_output=True, text=True, check=True
@@ -92,3 +93,17 @@ def test_a_driver_without_compute_cap_is_asked_again(tmp_path):
     facts = detect(raw, smi)
     assert facts["gpu_present"]
     assert any("compute_cap" in note for note in facts["notes"])
+
+
+def test_container_marks_name_the_container(tmp_path):
+    systemd_mark = tmp_path / "run-systemd-container"
+    systemd_mark.write_text("podman\n")
+    docker_mark = tmp_path / "dockerenv"
+    docker_mark.touch()
+    missing = str(tmp_path / "missing")
+    raw = read(tmp_path, [], [], [[missing, "x"], [str(systemd_mark), None], [str(docker_mark), "docker"]])
+    assert raw["container"] == "podman"  # the first mark found; its text when it has no name
+    assert (
+        read(tmp_path / "b", [], [], [[missing, "x"], [str(docker_mark), "docker"]])["container"] == "docker"
+    )
+    assert read(tmp_path / "c", [], [], [[missing, "x"]])["container"] == ""

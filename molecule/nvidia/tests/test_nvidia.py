@@ -112,6 +112,7 @@ def test_native_gpu_without_driver_installs_and_stops_with_reboot_pending():
     fake_gpu = {
         "nvidia_runtime_pci_devices_dir": "/srv/fake-pci",
         "nvidia_runtime_driver_packages": ["pciutils"],
+        "nvidia_runtime_container_override": False,  # the test host is a container: treat it as a machine
     }
     result = playbook(CONVERGE, "--limit", "native-nogpu", extra_vars=fake_gpu)
     assert result.returncode == 2, result.stdout[-3000:]
@@ -124,3 +125,17 @@ def test_native_gpu_without_driver_installs_and_stops_with_reboot_pending():
     assert checked.returncode == 0, checked.stdout[-3000:]
     assert "a reboot would be pending" in checked.stdout
     assert recap(checked, "native-nogpu")["changed"] == 0
+
+
+def test_a_container_that_sees_the_machines_gpu_installs_no_driver():
+    # The same fake GTX 1080 Ti, now seen from what the test host really is: a docker container.
+    in_container = {
+        "nvidia_runtime_pci_devices_dir": "/srv/fake-pci",
+        "nvidia_runtime_driver_packages": ["pciutils"],
+    }
+    result = playbook(CONVERGE, "--limit", "native-nogpu", extra_vars=in_container)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "in a docker container" in result.stdout
+    assert "no driver is installed in a container" in result.stdout
+    assert "reboot is pending" not in result.stdout
+    assert recap(result, "native-nogpu")["changed"] == 0
