@@ -200,8 +200,8 @@ def nvidia_pci_gpus(grep_output: Any) -> list[dict[str, str]]:
 # command (changes nothing). JSON: {"osrelease", "proc_version", "pci_dir", "files": [paths],
 # "smi": [candidate nvidia-smi paths], "query", "query_no_cc", "container_marks": [[path, name or null]]}.
 # The first container mark that exists names the container (null: the file's text, as systemd writes
-# /run/systemd/container). The role picks the nvidia-smi result
-# for the path that fits the host (WSL2 or native).
+# /run/systemd/container). The role picks the nvidia-smi result for the path that fits the host (WSL2
+# or native).
 READ_SCRIPT = """
 import glob, json, os, subprocess, sys
 args = json.loads(sys.argv[1])
