@@ -29,7 +29,7 @@ def test_defaults(model_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("module", "message"),
     [
-        ({"kind": "chat"}, "modules.x.kind: 'chat' is not one of asr, tts"),
+        ({"kind": "nope"}, "modules.x.kind: 'nope' is not one of asr, tts, chat"),
         ({"kind": "asr", "precision": "int4"}, "modules.x.precision: 'int4' is not one of bf16, fp16, fp32"),
         ({"kind": "asr", "device": "cuda:0"}, "modules.x.device: 'cuda:0' is not one of cpu, cuda"),
         ({"kind": "asr", "precision": "fp16"}, "modules.x: fp16 is for GPUs; on the CPU use fp32 (or bf16)"),
@@ -86,5 +86,5 @@ def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "voice-engine: configuration error: modules.a.kind: 'nope' is not one of asr, tts"
+        "voice-engine: configuration error: modules.a.kind: 'nope' is not one of asr, tts, chat"
     ]

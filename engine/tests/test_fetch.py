@@ -122,6 +122,18 @@ def test_fetches_once_and_then_finds_it_present(hub: Hub, tmp_path: Path):
 def test_a_missing_repo_is_one_clear_line(hub: Hub, tmp_path: Path):
     result = fetch(hub, tmp_path, "--repo", "kyutai/nope", "--dest", str(tmp_path / "nope"))
     assert result.returncode == 1
-    assert result.stderr.startswith("voice_engine.fetch: could not fetch kyutai/nope@main")
+    assert result.stderr.startswith("voice-engine-fetch: could not fetch kyutai/nope@main: HTTP 404")
+    assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "nope" / ".fetched").exists()
+
+
+def test_a_failed_fetch_over_an_earlier_one_writes_no_stamp(hub: Hub, tmp_path: Path):
+    """The files of an earlier fetch stay, but nothing claims the new repo was fetched."""
+    dest = tmp_path / "stt"
+    assert fetch(hub, tmp_path, "--repo", REPO, "--dest", str(dest)).returncode == 0
+    (dest / ".fetched").unlink()  # as if another repo or revision were asked for next
+    result = fetch(hub, tmp_path, "--repo", "kyutai/nope", "--dest", str(dest))
+    assert result.returncode == 1
+    assert result.stdout.strip() != "fetched"
+    assert not (dest / ".fetched").exists()

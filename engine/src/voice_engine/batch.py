@@ -218,6 +218,36 @@ class BatchLoop(Generic[InT, OutT]):
             lease.outputs.put_nowait(None)
 
 
+@dataclass(frozen=True)
+class Ended:
+    """Why a session's outputs stopped: its reader task ended first (``reader``: that task's result), or
+    the loop closed the lease (``closed``: the reason)."""
+
+    reader: Any = None
+    closed: str | None = None
+
+
+async def next_output(
+    lease: Lease[Any, OutT], reader: asyncio.Task[Any], poll_s: float = 1.0
+) -> OutT | Ended:
+    """The lease's next output, or :class:`Ended` once the session's reader task has finished or the loop
+    has closed the lease with nothing left to read. The caller tells its client why."""
+    while True:
+        getter = asyncio.ensure_future(lease.outputs.get())
+        await asyncio.wait({getter, reader}, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+            getter.cancel()
+        if getter.done() and not getter.cancelled():
+            out = getter.result()
+            if out is None:
+                return Ended(closed=lease.closed_reason or "the session was closed")
+            return out
+        if reader.done():
+            return Ended(reader=reader.result())
+        if lease.closed_reason is not None and lease.outputs.empty():
+            return Ended(closed=lease.closed_reason)
+
+
 def status_of(loop: BatchLoop[Any, Any]) -> dict[str, Any]:
     """The capacity part of a module's ``/status`` entry."""
     p50, p99 = loop.stats.percentiles_ms()

@@ -85,6 +85,71 @@ SPEAKER_DIM_FULL = 512
 SPEAKER_FRAMES_FULL = 125
 
 
+def tts_full_kwargs() -> dict[str, Any]:
+    """The TTS-1.6B-sized LM kwargs: the tiny TTS set's structure with the full-size dimensions."""
+    from .tiny import tts as tiny_tts
+
+    kwargs = copy.deepcopy(tiny_tts.LM_KWARGS)
+    kwargs.update(copy.deepcopy(TTS_1_6B_OVERRIDES))
+    kwargs["conditioners"]["speaker_wavs"]["tensor"]["dim"] = SPEAKER_DIM_FULL
+    kwargs["conditioners"]["control"]["lut"]["dim"] = kwargs["dim"]
+    kwargs["conditioners"]["cfg"]["lut"]["dim"] = 16
+    return kwargs
+
+
+def write_full_set(kind: str, out: Path, precision: str) -> Path:
+    """A full-size random model directory in the Kyutai layout, for the end-to-end latency bench.
+
+    The engine loads it through its real loading path. The text vocabulary is the tiny tokenizer's (64
+    pieces instead of 8000: the STT's random text head must only emit ids the tokenizer can decode);
+    everything else has the full-size shapes above.
+    """
+    import torch
+    from moshi.models import loaders
+    from safetensors.torch import save_file
+
+    from .models import loading
+    from .tiny import tokenizer as tiny_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = loading.dtype_of(precision)
+    tiny_tokenizer.write_tokenizer(out, 0)
+    names = {
+        "moshi_name": "model.safetensors",
+        "mimi_name": "mimi.safetensors",
+        "tokenizer_name": tiny_tokenizer.TOKENIZER_NAME,
+    }
+    if kind == "stt":
+        kwargs = {**copy.deepcopy(STT_1B), "text_card": tiny_tokenizer.DEFAULT_VOCAB_SIZE}
+        extra: dict[str, Any] = {
+            "model_type": "stt",
+            "lm_gen_config": {"temp": 0.0, "temp_text": 0.0},
+            "stt_config": {"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0},
+        }
+    else:
+        kwargs = tts_full_kwargs()
+        extra = {
+            "model_type": "tts",
+            "model_id": {"sig": "bench", "epoch": 0},
+            "lm_gen_config": {"temp": 0.6, "text_temp": 0.6},
+            "tts_config": {"audio_delay": 1.28, "second_stream_ahead": 2},
+        }
+        _tts_voices(out, ".bench@0.safetensors", folder="voices")
+    config = {**copy.deepcopy(kwargs), **extra, **names}
+    torch.manual_seed(0)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=kwargs, device="cpu", dtype=dtype)
+    save_file(
+        {k: v.detach().contiguous() for k, v in lm.state_dict().items()}, str(out / names["moshi_name"])
+    )
+    del lm
+    mimi = loaders.get_mimi(None, device="cpu")
+    save_file(
+        {k: v.detach().contiguous() for k, v in mimi.state_dict().items()}, str(out / names["mimi_name"])
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
 class _AnyVocab:
     """Stands in for the tokenizer when decoding random ids of a full-size vocabulary (speed only)."""
 
@@ -123,11 +188,11 @@ def _stt_stepper(size: str, slots: int, device: str, precision: str, work: Path)
     return AsrStepper(lm, mimi, _AnyVocab(), slots, dev, asr_delay_in_tokens=6)
 
 
-def _tts_voices(work: Path, suffix: str) -> Path:
+def _tts_voices(work: Path, suffix: str, folder: str = "voices-full") -> Path:
     import torch
     from safetensors.torch import save_file
 
-    voices = work / "voices-full"
+    voices = work / folder
     voices.mkdir(parents=True, exist_ok=True)
     emb = torch.randn(1, SPEAKER_DIM_FULL, SPEAKER_FRAMES_FULL, generator=torch.Generator().manual_seed(1))
     save_file({"speaker_wavs": emb}, str(voices / ("bench.wav" + suffix)))
@@ -157,12 +222,9 @@ def _tts_stepper(size: str, slots: int, device: str, precision: str, work: Path)
             settings=settings,
         )
     dev = loading.device_of(device)
-    kwargs = copy.deepcopy(tiny_tts.LM_KWARGS)
-    kwargs.update(copy.deepcopy(TTS_1_6B_OVERRIDES))
-    kwargs["conditioners"]["speaker_wavs"]["tensor"]["dim"] = SPEAKER_DIM_FULL
-    kwargs["conditioners"]["control"]["lut"]["dim"] = kwargs["dim"]
-    kwargs["conditioners"]["cfg"]["lut"]["dim"] = 16
-    lm = loaders.get_moshi_lm(None, lm_kwargs=kwargs, device=dev, dtype=loading.dtype_of(precision))
+    lm = loaders.get_moshi_lm(
+        None, lm_kwargs=tts_full_kwargs(), device=dev, dtype=loading.dtype_of(precision)
+    )
     lm.eval()
     mimi = loaders.get_mimi(None, device=dev)
     mimi.set_num_codebooks(32)
@@ -236,6 +298,9 @@ def _percentile(values: list[float], q: int) -> float:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    if args.write_set:
+        print(write_full_set(args.kind, Path(args.write_set), args.precision))
+        return 0
     torch = _torch()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -322,4 +387,10 @@ def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     bench.add_argument("--stop-when-late", action="store_true")
     bench.add_argument("--json", default="")
+    bench.add_argument(
+        "--write-set",
+        default="",
+        metavar="DIR",
+        help="instead: write a full-size random model directory of --kind (scripts/bench_agent_latency.py)",
+    )
     bench.set_defaults(func=run)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-KINDS = ("asr", "tts")
+KINDS = ("asr", "tts", "chat")
 PRECISIONS = ("bf16", "fp16", "fp32")
 DEVICES = ("cpu", "cuda")
 DEFAULT_PORT = 8080
@@ -114,7 +114,7 @@ def parse(raw: Any) -> EngineConfig:
         raise ConfigError(f"unknown key(s): {', '.join(sorted(unknown))}")
     modules_raw = _get(raw, "modules", dict, "config")
     if not modules_raw:
-        raise ConfigError("modules: at least one module is needed (asr, tts)")
+        raise ConfigError("modules: at least one module is needed (asr, tts, chat)")
     modules = tuple(_module(name, value) for name, value in modules_raw.items())
     port = _get(raw, "port", int, "config", DEFAULT_PORT)
     if not 1 <= port <= 65535:

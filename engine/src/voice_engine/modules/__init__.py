@@ -14,6 +14,7 @@ from .base import EngineModule
 MODULE_KINDS: dict[str, str] = {
     "asr": "voice_engine.modules.asr:AsrModule",
     "tts": "voice_engine.modules.tts:TtsModule",
+    "chat": "voice_engine.modules.chat:ChatModule",
 }
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import sphn
 from aiohttp import WSMsgType, web
 
-from ..batch import BatchLoop, Lease
+from ..batch import BatchLoop, Ended, Lease, next_output
 from ..config import ConfigError, ModuleConfig
 from ..models.tts import (
     TtsEos,
@@ -459,26 +459,13 @@ class TtsModule(EngineModule):
     ) -> None:
         paused = False
         while True:
-            getter = asyncio.ensure_future(lease.outputs.get())
-            await asyncio.wait({getter, reader}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-            if getter.done() and not getter.cancelled():
-                out = getter.result()
-            else:
-                if reader.done():
-                    if reader.result() == "idle":
-                        message = f"no text or Eos for {self.limits.idle_timeout_s:g} s: closing"
-                        await self._refuse(ws, encoder, message, CLOSE_POLICY)
-                    return
-                if lease.closed_reason is not None and lease.outputs.empty():
-                    await self._refuse(ws, encoder, lease.closed_reason, CLOSE_TRY_AGAIN)
-                    return
-                continue
-            if out is None:
-                await self._refuse(
-                    ws, encoder, lease.closed_reason or "the session was closed", CLOSE_TRY_AGAIN
-                )
+            out = await next_output(lease, reader)
+            if isinstance(out, Ended):
+                if out.reader == "idle":
+                    message = f"no text or Eos for {self.limits.idle_timeout_s:g} s: closing"
+                    await self._refuse(ws, encoder, message, CLOSE_POLICY)
+                elif out.closed is not None:
+                    await self._refuse(ws, encoder, out.closed, CLOSE_TRY_AGAIN)
                 return
             for message in out.rejected:
                 await self._error(ws, encoder, message, "bad_text")

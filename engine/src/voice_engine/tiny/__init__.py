@@ -1,8 +1,8 @@
 """Tiny, randomly initialised model sets for tests and the demo, made offline and deterministically.
 
-``voice-engine tiny-model --kind stt|tts --out DIR [--seed N]`` writes a directory in the layout of
-Kyutai's Hugging Face repositories (``config.json`` naming the LM, Mimi and tokenizer files), so the
-engine loads it through the same code as a real model. The same seed gives the same bytes.
+``voice-engine tiny-model --kind stt|tts|moshi|personaplex --out DIR [--seed N]`` writes a directory in
+the layout of Kyutai's Hugging Face repositories (``config.json`` naming the LM, Mimi and tokenizer
+files), so the engine loads it through the same code as a real model. The same seed gives the same bytes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 GENERATORS: dict[str, str] = {
     "stt": "voice_engine.tiny.stt:make",
     "tts": "voice_engine.tiny.tts:make",
+    "moshi": "voice_engine.tiny.chat:make_moshi",
+    "personaplex": "voice_engine.tiny.chat:make_personaplex",
 }
 
 

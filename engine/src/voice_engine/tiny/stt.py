@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from . import mimi as tiny_mimi
 from . import tokenizer as tiny_tokenizer
+from .lm import tiny_lm_kwargs
 
 CONFIG_NAME = "config.json"
 LM_NAME = "model.safetensors"
@@ -32,34 +33,15 @@ VOCAB_SIZE = tiny_tokenizer.DEFAULT_VOCAB_SIZE
 EXTRA_HEADS = 4
 EXTRA_HEADS_DIM = 6
 
-LM_KWARGS: dict[str, Any] = {
-    "card": tiny_mimi.BINS,
-    "n_q": N_Q,
-    "dep_q": 0,
-    "delays": [0] * (N_Q + 1),
-    "dim": 32,
-    "text_card": VOCAB_SIZE,
-    "existing_text_padding_id": 3,
-    "num_heads": 2,
-    "num_layers": 2,
-    "hidden_scale": 2,
-    "causal": True,
-    "layer_scale": None,
-    "context": 64,
-    "max_period": 10000,
-    "gating": "silu",
-    "norm": "rms_norm_f32",
-    "positional_embedding": "rope",
-    "depformer_dim": 32,
-    "depformer_num_heads": 2,
-    "depformer_num_layers": 1,
-    "depformer_dim_feedforward": None,
-    "depformer_multi_linear": True,
-    "depformer_pos_emb": "none",
-    "depformer_weights_per_step": True,
-    "extra_heads_num_heads": EXTRA_HEADS,
-    "extra_heads_dim": EXTRA_HEADS_DIM,
-}
+LM_KWARGS: dict[str, Any] = tiny_lm_kwargs(
+    n_q=N_Q,
+    dep_q=0,
+    delays=[0] * (N_Q + 1),
+    context=64,
+    depformer_dim_feedforward=None,
+    extra_heads_num_heads=EXTRA_HEADS,
+    extra_heads_dim=EXTRA_HEADS_DIM,
+)
 
 STT_CONFIG: dict[str, float] = {"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0}
 LM_GEN_CONFIG: dict[str, Any] = {"temp": 0.0, "temp_text": 0.0, "top_k": 250, "top_k_text": 50}

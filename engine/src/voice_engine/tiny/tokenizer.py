@@ -31,8 +31,11 @@ def training_text(seed: int, lines: int = 400, words_per_line: int = 12) -> list
     return [" ".join(rng.choice(WORDS) for _ in range(words_per_line)) for _ in range(lines)]
 
 
-def tokenizer_bytes(seed: int, vocab_size: int = DEFAULT_VOCAB_SIZE) -> bytes:
-    """A serialised sentencepiece unigram model (``vocab_size`` pieces)."""
+def tokenizer_bytes(
+    seed: int, vocab_size: int = DEFAULT_VOCAB_SIZE, extra_symbols: tuple[str, ...] = ()
+) -> bytes:
+    """A serialised sentencepiece unigram model (``vocab_size`` pieces; ``extra_symbols`` are single
+    pieces after ``<pad>``, for example PersonaPlex's ``<system>``)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(training_text(seed)),
@@ -41,15 +44,17 @@ def tokenizer_bytes(seed: int, vocab_size: int = DEFAULT_VOCAB_SIZE) -> bytes:
         model_type="unigram",
         character_coverage=1.0,
         num_threads=1,
-        user_defined_symbols=["<pad>"],
+        user_defined_symbols=["<pad>", *extra_symbols],
         minloglevel=2,
     )
     return model.getvalue()
 
 
-def write_tokenizer(out: Path, seed: int, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
+def write_tokenizer(
+    out: Path, seed: int, vocab_size: int = DEFAULT_VOCAB_SIZE, extra_symbols: tuple[str, ...] = ()
+) -> Path:
     """Write ``tokenizer.model`` into ``out`` (a directory) and return its path."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / TOKENIZER_NAME
-    path.write_bytes(tokenizer_bytes(seed, vocab_size))
+    path.write_bytes(tokenizer_bytes(seed, vocab_size, extra_symbols))
     return path

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from . import mimi as tiny_mimi
 from . import tokenizer as tiny_tokenizer
+from .lm import tiny_lm_kwargs
 
 CONFIG_NAME = "config.json"
 LM_NAME = "dsm_tts.safetensors"
@@ -43,55 +44,42 @@ DEFAULT_VOICE = VOICES[0]
 CFG_VALUES = ["1.0", "1.5", "2.0", "2.5", "3.0", "3.5", "4.0"]
 DIM = 32
 
-LM_KWARGS: dict[str, Any] = {
-    "card": tiny_mimi.BINS,
-    "n_q": N_Q,
-    "dep_q": N_Q,
-    "delays": [0, 0] + [2] * (N_Q - 1),
-    "dim": DIM,
-    "text_card": VOCAB_SIZE,
-    "existing_text_padding_id": 3,
-    "num_heads": 2,
-    "num_layers": 2,
-    "hidden_scale": 2,
-    "causal": True,
-    "layer_scale": None,
-    "context": 100,
-    "max_period": 10000,
-    "gating": "silu",
-    "norm": "rms_norm_f32",
-    "positional_embedding": "rope",
-    "depformer_dim": 32,
-    "depformer_num_heads": 2,
-    "depformer_num_layers": 1,
-    "depformer_dim_feedforward": 64,
-    "depformer_multi_linear": True,
-    "depformer_pos_emb": "none",
-    "depformer_weights_per_step": True,
-    "depformer_weights_per_step_schedule": [0, 1, 2, 2],
-    "depformer_low_rank_embeddings": 8,
-    "demux_second_stream": True,
-    "text_card_out": None,
-    "cross_attention": True,
-    "conditioners": {
+LM_KWARGS: dict[str, Any] = tiny_lm_kwargs(
+    n_q=N_Q,
+    dep_q=N_Q,
+    delays=[0, 0] + [2] * (N_Q - 1),
+    dim=DIM,
+    context=100,
+    depformer_dim_feedforward=64,
+    depformer_weights_per_step_schedule=[0, 1, 2, 2],
+    depformer_low_rank_embeddings=8,
+    demux_second_stream=True,
+    text_card_out=None,
+    cross_attention=True,
+    conditioners={
         "speaker_wavs": {"type": "tensor", "tensor": {"dim": SPEAKER_DIM}},
         "cfg": {
             "type": "lut",
-            "lut": {"n_bins": len(CFG_VALUES), "dim": 4, "tokenizer": "noop", "possible_values": CFG_VALUES},
+            "lut": {
+                "n_bins": len(CFG_VALUES),
+                "dim": 4,
+                "tokenizer": "noop",
+                "possible_values": CFG_VALUES,
+            },
         },
         "control": {
             "type": "lut",
             "lut": {"dim": DIM, "n_bins": 1, "tokenizer": "noop", "possible_values": ["ok"]},
         },
     },
-    "fuser": {
+    fuser={
         "cross_attention_pos_emb": True,
         "cross_attention_pos_emb_scale": 1,
         "sum": ["control", "cfg"],
         "prepend": [],
         "cross": ["speaker_wavs"],
     },
-}
+)
 
 TTS_CONFIG: dict[str, Any] = {"audio_delay": 0.32, "second_stream_ahead": 2}
 LM_GEN_CONFIG: dict[str, Any] = {"temp": 0.6, "text_temp": 0.6}
