@@ -1,10 +1,12 @@
-"""Fixtures: a real Moshi server (tiny random model), an HTTP MAS stand-in, a Kyutai-protocol TTS
-stand-in, the bridge itself, and websocket clients. Nothing here mocks Moshi."""
+"""Fixtures: a real Moshi server (tiny random model), the real voice engine (``asr`` + ``tts`` on tiny
+random models), an HTTP MAS stand-in, a Kyutai-protocol TTS stand-in, the bridge itself, and websocket
+clients. Nothing here mocks Moshi or the engine."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -33,6 +35,20 @@ if str(MOSHI_TOOLS) not in sys.path:
     sys.path.insert(0, str(MOSHI_TOOLS))
 
 from moshi_tools.probe import opus_frames  # noqa: E402
+
+
+def _engine_conftest() -> Any:
+    """engine/tests/conftest.py, for its ``start_engine`` (imported by path: both files are "conftest")."""
+    name = "engine_tests_conftest"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "engine" / "tests" / "conftest.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:
@@ -148,6 +164,101 @@ def frames() -> list[bytes]:
     return [b"\x01" + chunk for chunk in opus_frames(40) if chunk]
 
 
+# --- the voice engine (asr + tts) ---
+
+ENGINE_KEY = "public_token"
+ASR_SLOTS = 2
+
+
+@pytest.fixture(scope="session")
+def engine_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random STT and TTS model sets, made by the engine's own generator."""
+    root = tmp_path_factory.mktemp("tiny-engine")
+    out = {}
+    for kind in ("stt", "tts"):
+        subprocess.run(
+            [sys.executable, "-m", "voice_engine", "tiny-model", "--kind", kind, "--out", str(root / kind)],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        out[kind] = root / kind
+    return out
+
+
+@dataclass
+class VoiceEngine:
+    """A real ``voice-engine serve`` process with the modules ``asr`` and ``tts``."""
+
+    process: Any  # engine/tests/conftest.py's EngineProcess
+    key: str = ENGINE_KEY
+    voice: str = "tiny-a.wav"
+    asr_slots: int = ASR_SLOTS
+
+    @property
+    def asr_url(self) -> str:
+        return f"{self.process.ws}/api/asr-streaming"
+
+    @property
+    def tts_url(self) -> str:
+        return f"{self.process.ws}/api/tts_streaming"
+
+    async def hold_asr_slot(self) -> Any:
+        """Take one STT slot directly (as another client would); ``await held.close()`` gives it back."""
+        http = aiohttp.ClientSession()
+        ws = await http.ws_connect(self.asr_url, headers={"kyutai-api-key": self.key})
+        first = await ws.receive(timeout=10)
+        assert msgpack.unpackb(first.data)["type"] == "Ready"
+
+        class Held:
+            async def close(self) -> None:
+                await ws.close()
+                await http.close()
+
+        return Held()
+
+    def kill(self) -> None:
+        """Die abruptly, as a crashed engine would."""
+        proc = self.process.proc
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def _start_voice_engine(tmp: Path, models: dict[str, Path]) -> VoiceEngine:
+    tts_dir = models["tts"]
+    modules = {
+        "asr": {"kind": "asr", "model_dir": str(models["stt"]), "slots": ASR_SLOTS, "precision": "fp32",
+                "device": "cpu"},
+        "tts": {"kind": "tts", "model_dir": str(tts_dir), "slots": 2, "precision": "fp32", "device": "cpu",
+                "voices_dir": str(tts_dir / "voices")},
+    }  # fmt: skip
+    return VoiceEngine(_engine_conftest().start_engine(tmp, modules, extra={"api_keys": [ENGINE_KEY]}))
+
+
+@pytest.fixture(scope="module")
+def engine(engine_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[VoiceEngine]:
+    """A voice engine shared by a test module."""
+    running = _start_voice_engine(tmp_path_factory.mktemp("engine"), engine_models)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def engine_own(engine_models: dict[str, Path], tmp_path: Path) -> Iterator[VoiceEngine]:
+    """A voice engine for one test (which may kill it)."""
+    running = _start_voice_engine(tmp_path, engine_models)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
 # --- MAS stand-in ---
 
 
@@ -192,6 +303,9 @@ class MasStandIn:
                 return web.json_response({"answer": "x"})
             if self.mode == "empty":
                 return web.json_response({"response": ""})
+            if self.mode == "long":
+                words = " ".join(f"word{i}" for i in range(60))
+                return web.json_response({"response": f"echo: {body['text']} {words}"})
             if self.mode == "minimal":
                 return web.json_response({"response": f"echo: {body['text']}"})
             return web.json_response(

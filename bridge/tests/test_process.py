@@ -67,6 +67,26 @@ def run_main(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
             [],
             "BRIDGE_LOG_LEVEL: must be one of",
         ),
+        (
+            {"BRIDGE_MAS_URL": "http://m/c", "BRIDGE_ASR_URL": "http://gpu01:8080/api/asr-streaming"},
+            [],
+            "BRIDGE_ASR_URL: must be a ws:// or wss:// URL",
+        ),
+        (
+            {"BRIDGE_MAS_URL": "http://m/c", "BRIDGE_ASR_PAUSE_THRESHOLD": "1.5"},
+            [],
+            "BRIDGE_ASR_PAUSE_THRESHOLD: must be between 0 and 1",
+        ),
+        (
+            {"BRIDGE_MAS_URL": "http://m/c", "BRIDGE_ASR_SILENCE_DBFS": "loud"},
+            [],
+            "BRIDGE_ASR_SILENCE_DBFS: must be a dBFS level",
+        ),
+        (
+            {"BRIDGE_MAS_URL": "http://m/c", "BRIDGE_DUPLEX_MOSHI_TO_MAS": "maybe"},
+            [],
+            "BRIDGE_DUPLEX_MOSHI_TO_MAS: must be true or false",
+        ),
         ({"BRIDGE_MAS_URL": "http://m/c"}, ["--nope"], "command line: unrecognized arguments: --nope"),
     ],
 )
@@ -147,7 +167,7 @@ async def test_minimal_config_serves_text_and_sigterm_drains_a_turn(mas, bridge_
         await proc.wait_up(http)
         client = Client(await http.ws_connect(f"ws://127.0.0.1:{proc.port}/ws"))
         ready = await client.expect("ready")
-        assert (ready["moshi"], ready["mas"], ready["tts"]) == ("down", "up", "off")
+        assert (ready["moshi"], ready["mas"], ready["tts"]) == ("down", "unknown", "off")
         await client.send({"type": "text", "text": "quick one"})
         assert (await client.expect("mas_response"))["text"] == "echo: quick one"
         await client.expect("tts_skipped")

@@ -15,8 +15,9 @@ async def test_ready_then_text_turn_reaches_mas_and_client(mas, start_bridge):
         "type": "ready",
         "session": client.ready["session"],
         "moshi": "down",
-        "mas": "up",
+        "mas": "unknown",
         "tts": "off",
+        "asr": "off",
     }
     assert len(client.ready["session"]) >= 16
 

@@ -25,13 +25,15 @@ async def wait_for(predicate, timeout: float = 10.0, step: float = 0.05) -> None
         await asyncio.sleep(step)
 
 
-async def test_voice_session_relays_moshi_and_feeds_mas(moshi, mas, start_bridge, frames):
+async def test_duplex_session_relays_moshi_and_never_posts_its_words_to_mas(moshi, mas, start_bridge, frames):
     rb = await start_bridge(base_settings(mas.url, moshi_urls=(moshi.url,)))
     client = await rb.connect()
     assert client.ready["moshi"] == "up"
+    assert client.ready["asr"] == "off"
+    # Without BRIDGE_ASR_URL the default mode is duplex.
     await client.send({"type": "voice_start"})
     ready = await client.expect("voice_ready")
-    assert ready == {"type": "voice_ready", "backend": moshi.url}
+    assert ready == {"type": "voice_ready", "backend": moshi.url, "mode": "duplex"}
     status = await rb.status()
     assert status["moshi"]["state"] == "busy"
     assert status["moshi"]["backends"][0]["busy"] is True
@@ -54,18 +56,39 @@ async def test_voice_session_relays_moshi_and_feeds_mas(moshi, mas, start_bridge
     status = await rb.status()
     assert status["moshi"]["backends"][0]["busy"] is False
     assert status["sessions"]["voice"] == 0
-    # Moshi's words reached MAS as context, with source "moshi", and the replies came back.
-    await wait_for(lambda: any(r["source"] == "moshi" for r in mas.requests))
-    await client.drain_for(0.5)
-    sent_to_mas = " ".join(r["text"] for r in mas.requests if r["source"] == "moshi")
-    assert sent_to_mas.split() == "".join(pieces).split()
-    assert {r["session_id"] for r in mas.requests} == {client.ready["session"]}
-    moshi_replies = [e for e in client.of_type("mas_response") if e["source"] == "moshi"]
-    assert moshi_replies
-    assert not client.of_type("tts_skipped")  # context replies are not spoken
+    # Moshi's words are its own, not the user's: nothing reached MAS, no reply came back.
+    await client.drain_for(1.0)
+    assert mas.requests == []
+    assert not client.of_type("mas_response")
+    assert not client.of_type("tts_skipped")
     # Binary after voice_stop is refused again.
     await client.ws.send_bytes(frames[0])
     assert (await client.expect("error"))["code"] == "binary_before_voice"
+
+
+async def test_duplex_option_posts_moshi_words_as_assistant_speech(moshi, mas, start_bridge, frames):
+    settings = base_settings(mas.url, moshi_urls=(moshi.url,), duplex_moshi_to_mas=True)
+    rb = await start_bridge(settings)
+    client = await rb.connect()
+    await client.send({"type": "voice_start", "mode": "duplex"})
+    assert (await client.expect("voice_ready"))["mode"] == "duplex"
+    sent = frames[:12]
+    await send_frames(client, sent)
+    await client.read_until(lambda: len(client.binary) >= len(sent) - 1)
+    await client.drain_for(0.3)
+    pieces = [e["text"] for e in client.of_type("moshi_text")]
+    await client.send({"type": "voice_stop"})
+    await client.expect("voice_stopped")
+    await wait_for(lambda: bool(mas.requests))
+    await client.drain_for(0.5)
+    # Labelled as the assistant's speech, never as a user turn; the answers are not spoken.
+    assert {r["source"] for r in mas.requests} == {"assistant_speech"}
+    assert " ".join(r["text"] for r in mas.requests).split() == "".join(pieces).split()
+    assert {r["session_id"] for r in mas.requests} == {client.ready["session"]}
+    replies = client.of_type("mas_response")
+    assert replies
+    assert {e["source"] for e in replies} == {"assistant_speech"}
+    assert not client.of_type("tts_skipped")
 
 
 async def test_second_voice_session_while_backend_busy(moshi, mas, start_bridge, frames):

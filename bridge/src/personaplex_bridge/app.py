@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.resources
 import logging
 import secrets
 import time
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from . import __version__
 from .aio import cancel_and_wait, timeout
+from .asr import AsrClient
 from .config import Settings
 from .mas import MasClient
 from .metrics import Gauge, Metrics
@@ -27,6 +29,18 @@ log = logging.getLogger("personaplex_bridge")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 WATCHDOG_INTERVAL_S = 0.5
+
+_STATIC_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+
+
+def _static_text(name: str) -> str:
+    """A file of the package's ``static/`` folder (the /test-voice page)."""
+    return importlib.resources.files(__package__).joinpath("static", name).read_text("utf-8")
+
+
+def _static_scripts() -> frozenset[str]:
+    folder = importlib.resources.files(__package__).joinpath("static")
+    return frozenset(f.name for f in folder.iterdir() if f.name.endswith(".js"))
 
 
 def _json_error(status: int, code: str, message: str, **headers: str) -> web.Response:
@@ -77,7 +91,8 @@ class Bridge:
         pool = MoshiPool(s.moshi_urls, self._http, s.probe_timeout_s)
         mas = MasClient(s, self._http, self.metrics)
         tts = TtsClient(s, self._http)
-        self._svc = Services(s, self._http, pool, mas, tts, self.metrics)
+        asr = AsrClient(s, self._http)
+        self._svc = Services(s, self._http, pool, mas, tts, asr, self.metrics)
         await self._probe_once()
         self._health = asyncio.create_task(self._health_loop(), name="health")
         self._watchdog = asyncio.create_task(self._watchdog_loop(), name="watchdog")
@@ -145,7 +160,7 @@ class Bridge:
         svc = self.services
         try:
             async with timeout(self.settings.probe_timeout_s + 1.0):
-                await asyncio.gather(svc.pool.probe_all(), svc.mas.probe(), svc.tts.probe())
+                await asyncio.gather(svc.pool.probe_all(), svc.mas.probe(), svc.tts.probe(), svc.asr.probe())
         except asyncio.TimeoutError:
             log.warning("backend probes took longer than %.1f s", self.settings.probe_timeout_s + 1.0)
 
@@ -169,6 +184,8 @@ class Bridge:
         app.router.add_get("/status", self.status)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/ws", self.websocket)
+        app.router.add_get("/test-voice", self.test_voice_page)  # the browser test page (static/)
+        app.router.add_get("/test-voice/{name}", self.test_voice_asset)
         return app
 
     @web.middleware
@@ -197,6 +214,7 @@ class Bridge:
             "moshi": svc.pool.snapshot(),
             "mas": svc.mas.snapshot(),
             "tts": svc.tts.snapshot(),
+            "asr": svc.asr.snapshot(),
         }
         return web.json_response(body)
 
@@ -207,7 +225,7 @@ class Bridge:
             Gauge("bridge_sessions_active", "Client sessions open now.", (((), len(self.sessions)),)),
             Gauge(
                 "bridge_voice_sessions_active",
-                "Sessions holding a Moshi backend now.",
+                "Sessions in voice now (agent or duplex).",
                 (((), sum(1 for x in self.sessions.values() if x.voice_active)),),
             ),
             Gauge("bridge_draining", "1 while the bridge drains after SIGTERM.", (((), int(svc.draining)),)),
@@ -219,9 +237,27 @@ class Bridge:
                   (((), int(svc.mas.state == "up")),)),
             Gauge("bridge_tts_up", "1 if a TTS is configured and working, 0 if down or off.",
                   (((), int(svc.tts.state == "up")),)),
+            Gauge("bridge_asr_up", "1 if an STT is configured and working, 0 if down or off.",
+                  (((), int(svc.asr.state == "up")),)),
+            Gauge("bridge_agent_voice_sessions_active", "Sessions in agent voice mode now.",
+                  (((), sum(1 for x in self.sessions.values() if x.voice_mode == "agent")),)),
         ]  # fmt: skip
         return web.Response(text=self.metrics.render(gauges), content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})  # fmt: skip
+
+    async def test_voice_page(self, request: web.Request) -> web.Response:
+        """``static/test-voice.html``, told whether ``/ws`` needs a token (so the page asks for one)."""
+        html = _static_text("test-voice.html")
+        html = html.replace("{{TOKEN_REQUIRED}}", "true" if self.settings.token is not None else "false")
+        return web.Response(text=html, content_type="text/html", charset="utf-8", headers=_STATIC_HEADERS)
+
+    async def test_voice_asset(self, request: web.Request) -> web.Response:
+        """The page's ES modules (``static/*.js``), by name; anything else is 404."""
+        name = request.match_info["name"]
+        if name not in _static_scripts():
+            raise web.HTTPNotFound(text="no such file")
+        return web.Response(text=_static_text(name), content_type="text/javascript", charset="utf-8",
+                            headers=_STATIC_HEADERS)  # fmt: skip
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         s = self.settings

@@ -36,11 +36,24 @@ class Settings:
     mas_backoff_s: float = 1.0
     mas_backoff_max_s: float = 30.0
     mas_max_reply_bytes: int = 256 * 1024
+    mas_request_fields: tuple[tuple[str, str], ...] = ()
+    mas_reply_fields: tuple[tuple[str, str], ...] = ()
     tts_url: str | None = None
     tts_voice: str = ""
     tts_key: str | None = None
     tts_timeout_s: float = 5.0
     tts_max_s: float = 120.0
+    asr_url: str | None = None
+    asr_key: str | None = None
+    asr_timeout_s: float = 5.0
+    asr_pause_threshold: float = 0.6
+    asr_pause_head: int = 2
+    asr_min_silence_s: float = 0.3
+    asr_silence_dbfs: float = -45.0
+    asr_flush_s: float = 0.5
+    asr_barge_in_threshold: float = 0.4
+    playback_lead_s: float = 0.15
+    duplex_moshi_to_mas: bool = False
     allowed_origins: frozenset[str] = field(default_factory=frozenset)
     token: str | None = None
     drain_timeout_s: float = 20.0
@@ -73,13 +86,22 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in _SECRETS:
                 value = None if value is None else "***"
+            elif f.name in ("mas_request_fields", "mas_reply_fields"):
+                value = dict(value)
             elif isinstance(value, (tuple, frozenset)):
                 value = sorted(value) if isinstance(value, frozenset) else list(value)
             out[f.name] = value
         return out
 
 
-_SECRETS = frozenset({"token", "tts_key"})
+_SECRETS = frozenset({"token", "tts_key", "asr_key"})
+
+# The MAS contract's field names, as the bridge calls them; BRIDGE_MAS_REQUEST_FIELDS and
+# BRIDGE_MAS_REPLY_FIELDS map each to the MAS's own name (or dotted path). The defaults are the identity.
+MAS_REQUEST_FIELDS = ("session_id", "text", "source")
+MAS_REPLY_FIELDS = ("response", "tool_calls", "agent_activity", "memory")
+# Fields that cannot be left out (mapped to nothing).
+_MAS_REQUIRED = frozenset({"text", "response"})
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -115,6 +137,32 @@ def _positive_float(raw: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"must be a positive number, got {raw!r}")
     return value
+
+
+def _float_range(low: float, high: float, what: str = "a number") -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be {what}, got {raw!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g}, got {raw.strip()!r}")
+        return value
+
+    return parse
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"must be true or false (1/0, yes/no, on/off), got {raw!r}")
 
 
 def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
@@ -176,6 +224,47 @@ def _token(raw: str) -> str | None:
     return value
 
 
+def _field_map(names: tuple[str, ...]) -> Callable[[str], tuple[tuple[str, str], ...]]:
+    """``ours=theirs`` pairs, comma-separated; ``theirs`` is a name or a dotted path, empty to leave out."""
+
+    def parse(raw: str) -> tuple[tuple[str, str], ...]:
+        pairs: dict[str, str] = {}
+        for item in raw.split(","):
+            if not item.strip():
+                continue
+            ours, sep, theirs = (part.strip() for part in item.partition("="))
+            if not sep:
+                raise ValueError(f"each item must look like NAME=FIELD, got {item.strip()!r}")
+            if ours not in names:
+                raise ValueError(f"{ours!r} is not one of {', '.join(names)}")
+            if ours in pairs:
+                raise ValueError(f"maps {ours!r} twice")
+            if theirs and not all(seg.strip() and seg == seg.strip() for seg in theirs.split(".")):
+                raise ValueError(f"{theirs!r} is not a field name or a dotted path (a.b)")
+            if not theirs and ours in _MAS_REQUIRED:
+                raise ValueError(f"{ours!r} cannot be left out")
+            pairs[ours] = theirs
+        paths = [theirs for ours, theirs in _merged(names, pairs) if theirs]
+        for a in paths:
+            for b in paths:
+                if a != b and b.startswith(a + "."):
+                    raise ValueError(f"{a!r} and {b!r} overlap")
+            if paths.count(a) > 1:
+                raise ValueError(f"two fields map to {a!r}")
+        return tuple(sorted(pairs.items()))
+
+    return parse
+
+
+def _merged(names: tuple[str, ...], pairs: Mapping[str, str]) -> list[tuple[str, str]]:
+    return [(name, pairs.get(name, name)) for name in names]
+
+
+def mas_field_paths(names: tuple[str, ...], pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Every field of ``names`` with the MAS's name for it (``""``: left out), the defaults filled in."""
+    return dict(_merged(names, dict(pairs)))
+
+
 def _log_level(raw: str) -> str:
     value = raw.strip().lower()
     if value not in _LOG_LEVELS:
@@ -212,12 +301,41 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("mas_backoff_max_s", _positive_float, "longest backoff after failed MAS calls"),
     _Option("mas_max_reply_bytes", _int_range(1024, 64 * 1024 * 1024), "largest MAS reply body accepted"),
     _Option(
+        "mas_request_fields",
+        _field_map(MAS_REQUEST_FIELDS),
+        "MAS request field names: NAME=FIELD,... (session_id, text, source; FIELD a.b nests, empty omits)",
+    ),
+    _Option(
+        "mas_reply_fields",
+        _field_map(MAS_REPLY_FIELDS),
+        "MAS reply field names: NAME=FIELD,... (response, tool_calls, agent_activity, memory)",
+    ),
+    _Option(
         "tts_url", _optional_url(_WS), "Kyutai streaming TTS endpoint (ws://host:port/api/tts_streaming)"
     ),
     _Option("tts_voice", _str, "TTS voice; empty lets the TTS server choose"),
     _Option("tts_key", _optional_str, "TTS API key, sent as the kyutai-api-key header"),
     _Option("tts_timeout_s", _positive_float, "longest wait for the TTS to connect or send its next message"),
     _Option("tts_max_s", _positive_float, "longest spoken reply, in seconds of wall time"),
+    _Option(
+        "asr_url", _optional_url(_WS), "Kyutai streaming STT endpoint (ws://host:port/api/asr-streaming)"
+    ),
+    _Option("asr_key", _optional_str, "STT API key, sent as the kyutai-api-key header"),
+    _Option(
+        "asr_timeout_s", _positive_float, "longest wait for the STT to connect, be Ready, or answer audio"
+    ),
+    _Option("asr_pause_threshold", _float_range(0.0, 1.0), "pause prediction that ends the user's turn"),
+    _Option("asr_pause_head", _int_range(0, 63), "which of the STT's pause prediction heads to use"),
+    _Option("asr_min_silence_s", _float_range(0.0, 60.0, "seconds"), "silence needed to end a turn"),
+    _Option(
+        "asr_silence_dbfs", _float_range(-200.0, 0.0, "a dBFS level"), "level below which audio is silence"
+    ),
+    _Option("asr_flush_s", _float_range(0.0, 10.0, "seconds"), "silence sent to flush the STT at turn end"),
+    _Option(
+        "asr_barge_in_threshold", _float_range(0.0, 1.0), "pause prediction below which speech interrupts"
+    ),
+    _Option("playback_lead_s", _float_range(0.0, 10.0, "seconds"), "lead of agent-mode replies on real time"),
+    _Option("duplex_moshi_to_mas", _bool, "duplex: post Moshi's words to MAS as assistant_speech"),
     _Option("allowed_origins", _origins, "comma-separated browser origins allowed to connect, or *"),
     _Option("token", _token, "optional bearer token clients must present"),
     _Option("drain_timeout_s", _positive_float, "on SIGTERM, longest wait for active sessions"),
@@ -235,7 +353,7 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("probe_timeout_s", _positive_float, "timeout of one probe"),
     _Option("moshi_connect_timeout_s", _positive_float, "longest wait for a Moshi connection and handshake"),
     _Option("moshi_stall_s", _positive_float, "degrade a voice session when Moshi answers nothing this long"),
-    _Option("utterance_gap_s", _positive_float, "Moshi silence that ends an utterance sent to MAS"),
+    _Option("utterance_gap_s", _positive_float, "Moshi silence that ends an utterance (duplex_moshi_to_mas)"),
     _Option("log_level", _log_level, "debug, info, warning or error"),
 )
 

@@ -1,10 +1,16 @@
 """Client of the MAS orchestrator's chat endpoint, with a timeout and a shared backoff.
 
 One call: ``POST BRIDGE_MAS_URL`` with ``{"session_id", "text", "source"}``; the reply must be a JSON
-object with a string ``response``. A timeout, a refused connection or a 5xx reply is "unavailable":
+object with a string ``response``. Those names are the default contract: ``BRIDGE_MAS_REQUEST_FIELDS``
+and ``BRIDGE_MAS_REPLY_FIELDS`` map each to the MAS's own field (a name, or a dotted path into nested
+objects), see :class:`MasContract`. A timeout, a refused connection or a 5xx reply is "unavailable":
 the MAS is then left alone for a backoff (1 s, doubling up to a maximum) during which calls fail at
 once, so that a struggling MAS is not hammered by every session. The first call after the backoff
-goes through; a success (or a 2xx from ``BRIDGE_MAS_HEALTH_URL``) clears it.
+goes through; a success (or a 2xx from ``BRIDGE_MAS_HEALTH_URL``) clears it. The state is
+``unknown`` until the first call or health probe has an outcome.
+
+A refused reply is logged with its reason and the field names involved, never with the user's text
+nor the reply's values.
 """
 
 from __future__ import annotations
@@ -18,14 +24,15 @@ from typing import Any
 
 import aiohttp
 
-from .config import Settings
+from .config import MAS_REPLY_FIELDS, MAS_REQUEST_FIELDS, Settings, mas_field_paths
 from .metrics import Metrics
-from .protocol import BackendState, Source
+from .protocol import MasState, Source
 
 log = logging.getLogger("personaplex_bridge.mas")
 
-_KNOWN_KEYS = ("response", "tool_calls", "agent_activity", "memory")
 _LIST_KEYS = ("tool_calls", "agent_activity", "memory")
+# At most this many of a reply's top-level keys are named in a refusal's log line.
+_LOGGED_KEYS = 12
 
 
 class MasUnavailable(Exception):
@@ -50,23 +57,123 @@ class MasReply:
     extra: dict[str, Any]
 
 
-def parse_reply(obj: Any) -> MasReply:
-    """Validate a decoded MAS reply. Missing lists become empty; unknown keys go to ``extra``."""
+def _path(dotted: str) -> tuple[str, ...]:
+    return tuple(dotted.split(".")) if dotted else ()
+
+
+def _keys(obj: dict[str, Any]) -> str:
+    names = [k if len(k) <= 40 else k[:40] + "..." for k in list(obj)[:_LOGGED_KEYS]]
+    more = f", +{len(obj) - _LOGGED_KEYS} more" if len(obj) > _LOGGED_KEYS else ""
+    return (", ".join(names) + more) if names else "none"
+
+
+@dataclass(frozen=True)
+class MasContract:
+    """Where each field of the bridge's request and of the MAS's reply lives in the MAS's JSON.
+
+    A path is a tuple of keys into nested objects; the empty path means "left out" (the request
+    omits the field; the reply's list is always empty).
+    """
+
+    request: dict[str, tuple[str, ...]]
+    reply: dict[str, tuple[str, ...]]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MasContract:
+        request = mas_field_paths(MAS_REQUEST_FIELDS, settings.mas_request_fields)
+        reply = mas_field_paths(MAS_REPLY_FIELDS, settings.mas_reply_fields)
+        return cls({k: _path(v) for k, v in request.items()}, {k: _path(v) for k, v in reply.items()})
+
+    def body(self, session_id: str, text: str, source: Source) -> dict[str, Any]:
+        values = {"session_id": session_id, "text": text, "source": source}
+        out: dict[str, Any] = {}
+        for name, path in self.request.items():
+            if not path:
+                continue
+            node = out
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = values[name]
+        return out
+
+    def describe(self) -> dict[str, dict[str, str | None]]:
+        """The contract as ``/status`` shows it: each field and the MAS's name for it (None: left out)."""
+        return {
+            "request": {k: ".".join(v) or None for k, v in self.request.items()},
+            "reply": {k: ".".join(v) or None for k, v in self.reply.items()},
+        }
+
+    def parse(self, obj: Any) -> MasReply:
+        """Validate a decoded MAS reply. Missing lists become empty; unknown keys go to ``extra``."""
+        if not isinstance(obj, dict):
+            raise MasBadReply(f"the reply is a JSON {type(obj).__name__}, not an object")
+        found, text = _lookup(obj, self.reply["response"])
+        if not isinstance(text, str):
+            where = ".".join(self.reply["response"])
+            what = f"a {type(text).__name__} there; " if found else ""
+            raise MasBadReply(f"the reply has no string '{where}' ({what}its keys: {_keys(obj)})")
+        lists: dict[str, list[Any]] = {}
+        for key in _LIST_KEYS:
+            path = self.reply[key]
+            value = _lookup(obj, path)[1] if path else None
+            if value is None:
+                value = []
+            if not isinstance(value, list):
+                raise MasBadReply(f"'{'.'.join(path)}' is a {type(value).__name__}, not a list")
+            lists[key] = value
+        used = {path[0] for path in self.reply.values() if path}
+        extra = {k: v for k, v in obj.items() if k not in used}
+        return MasReply(text, lists["tool_calls"], lists["agent_activity"], lists["memory"], extra)
+
+
+_DEFAULT_CONTRACT = MasContract(
+    {name: (name,) for name in MAS_REQUEST_FIELDS}, {name: (name,) for name in MAS_REPLY_FIELDS}
+)
+
+
+def _lookup(obj: dict[str, Any], path: tuple[str, ...]) -> tuple[bool, Any]:
+    """(found, value) at ``path`` in nested objects."""
+    node: Any = obj
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+def parse_reply(obj: Any, contract: MasContract = _DEFAULT_CONTRACT) -> MasReply:
+    """Validate a decoded MAS reply against ``contract`` (default: the bridge's own field names)."""
+    return contract.parse(obj)
+
+
+def _refusal_detail(body: bytes) -> str:
+    """What a 4xx body says about the request, without any value from it.
+
+    A FastAPI/pydantic validation error (``{"detail": [{"loc": [...], "msg": ...}]}``) names the
+    fields it wanted; its ``input`` (which may hold the user's text) is never read. Any other body is
+    described by its size and top-level keys only.
+    """
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return f"a non-JSON body of {len(body)} bytes"
     if not isinstance(obj, dict):
-        raise MasBadReply(f"the reply is a JSON {type(obj).__name__}, not an object")
-    text = obj.get("response")
-    if not isinstance(text, str):
-        raise MasBadReply("the reply has no string 'response'")
-    lists: dict[str, list[Any]] = {}
-    for key in _LIST_KEYS:
-        value = obj.get(key)
-        if value is None:
-            value = []
-        if not isinstance(value, list):
-            raise MasBadReply(f"'{key}' is a {type(value).__name__}, not a list")
-        lists[key] = value
-    extra = {k: v for k, v in obj.items() if k not in _KNOWN_KEYS}
-    return MasReply(text, lists["tool_calls"], lists["agent_activity"], lists["memory"], extra)
+        return f"a JSON {type(obj).__name__}"
+    detail = obj.get("detail")
+    if isinstance(detail, list):
+        items = []
+        for entry in detail[:5]:
+            if not isinstance(entry, dict):
+                continue
+            loc = entry.get("loc")
+            msg = entry.get("msg")
+            where = (
+                ".".join(str(p) for p in loc if isinstance(p, (str, int))) if isinstance(loc, list) else "?"
+            )
+            items.append(f"{where[:80]}: {str(msg)[:80]}" if isinstance(msg, str) else where[:80])
+        if items:
+            return "validation errors: " + "; ".join(items)
+    return f"a JSON object with keys: {_keys(obj)}"
 
 
 class MasClient:
@@ -80,7 +187,8 @@ class MasClient:
         self._backoff_max_s = settings.mas_backoff_max_s
         self._http = http
         self._metrics = metrics
-        self.state: BackendState = "up"
+        self.contract = MasContract.from_settings(settings)
+        self.state: MasState = "unknown"
         self.reason = "no call yet"
         self.failures = 0
         self._retry_at = 0.0
@@ -107,11 +215,12 @@ class MasClient:
         self._metrics.count("bridge_mas_requests_total", "unavailable")
         return MasUnavailable(f"MAS unavailable: {reason}", round(delay, 3))
 
-    def _bad(self, reason: str) -> MasBadReply:
+    def _bad(self, reason: str, detail: str = "") -> MasBadReply:
+        """A refused reply. ``reason`` goes to the client and /status, ``detail`` to the log only."""
         self.state = "down"
         self.reason = f"bad reply: {reason}"
         self._metrics.count("bridge_mas_requests_total", "bad_reply")
-        log.warning("MAS sent a bad reply: %s", reason)
+        log.warning("MAS reply refused: %s%s", reason, f" ({detail})" if detail else "")
         return MasBadReply(f"MAS sent a bad reply: {reason}")
 
     async def chat(self, session_id: str, text: str, source: Source) -> MasReply:
@@ -120,7 +229,7 @@ class MasClient:
         if wait > 0:
             self._metrics.count("bridge_mas_requests_total", "backoff")
             raise MasUnavailable(f"MAS unavailable ({self.reason}); retrying in {wait:.1f} s", round(wait, 3))
-        payload = {"session_id": session_id, "text": text, "source": source}
+        payload = self.contract.body(session_id, text, source)
         started = time.monotonic()
         try:
             async with self._http.post(self._url, json=payload, timeout=self._timeout) as resp:
@@ -136,15 +245,21 @@ class MasClient:
         if status >= 500:
             raise self._unavailable(f"HTTP {status}")
         if not 200 <= status < 300:
-            raise self._bad(f"HTTP {status}")
+            sent = ", ".join(sorted(payload))
+            raise self._bad(
+                f"HTTP {status}",
+                f"the request had the fields {sent} (BRIDGE_MAS_REQUEST_FIELDS); the MAS answered "
+                + _refusal_detail(body),
+            )
         try:
             obj = json.loads(body)
         except ValueError:
-            raise self._bad("the body is not JSON") from None
+            kind = resp.content_type if resp.content_type else "no content type"
+            raise self._bad("the body is not JSON", f"{len(body)} bytes, {kind}") from None
         try:
-            reply = parse_reply(obj)
+            reply = self.contract.parse(obj)
         except MasBadReply as exc:
-            raise self._bad(exc.message) from None
+            raise self._bad(exc.message, "BRIDGE_MAS_REPLY_FIELDS says where each field is") from None
         self._ok("last call succeeded")
         self._metrics.count("bridge_mas_requests_total", "ok")
         return reply
@@ -185,6 +300,7 @@ class MasClient:
             "health_url": self._health_url,
             "state": self.state,
             "reason": self.reason,
+            "contract": self.contract.describe(),
             "consecutive_failures": self.failures,
             "retry_in_s": round(self.retry_in_s(), 3),
         }

@@ -26,6 +26,25 @@ DECLARED: dict[str, tuple[str, str, str | None]] = {
         "outcome",
     ),
     "bridge_tts_frames_total": ("counter", "Ogg/Opus frames relayed from the TTS to clients.", None),
+    "bridge_asr_sessions_total": (
+        "counter",
+        "STT streams of agent voice sessions: ready, busy, down, no_backend, or lost mid-session.",
+        "outcome",
+    ),
+    "bridge_asr_audio_seconds_total": (
+        "counter",
+        "Seconds of client audio (and flush silence) sent to the STT.",
+        None,
+    ),
+    "bridge_asr_messages_total": ("counter", "Messages received from the STT.", "kind"),
+    "bridge_voice_turns_total": ("counter", "Ends of spoken user turns: sent to MAS, or empty.", "outcome"),
+    "bridge_turn_flush_seconds": ("summary", "From a detected end of turn to the STT's flush Marker.", None),
+    "bridge_barge_in_total": ("counter", "Spoken replies stopped because the user spoke.", None),
+    "bridge_barge_in_seconds": (
+        "summary",
+        "From the first loud chunk of the user's speech to the stop.",
+        None,
+    ),
 }
 
 

@@ -16,9 +16,15 @@ KIND_AUDIO = 0x01
 KIND_TEXT = 0x02
 
 BackendState = Literal["up", "down"]
+# MAS: "unknown" until the first call or health probe has an outcome.
+MasState = Literal["up", "down", "unknown"]
 MoshiSummary = Literal["up", "down", "busy"]
 TtsState = Literal["up", "down", "off"]
-Source = Literal["text", "moshi"]
+# Where a MAS turn came from: typed, the user's words in agent voice mode, or (duplex mode with
+# BRIDGE_DUPLEX_MOSHI_TO_MAS) Moshi's own words, labelled as the assistant's speech.
+Source = Literal["text", "voice", "assistant_speech"]
+VoiceMode = Literal["agent", "duplex"]
+VOICE_MODES: tuple[VoiceMode, ...] = ("agent", "duplex")
 
 # Error codes sent in {"type":"error","code":...}.
 E_BAD_JSON = "bad_json"
@@ -33,6 +39,7 @@ E_BAD_STATE = "bad_state"
 E_DRAINING = "draining"
 E_MAS_UNAVAILABLE = "mas_unavailable"
 E_MAS_BAD_REPLY = "mas_bad_reply"
+E_BAD_AUDIO = "bad_audio"
 
 ERROR_CODES = (
     E_BAD_JSON,
@@ -47,6 +54,7 @@ ERROR_CODES = (
     E_DRAINING,
     E_MAS_UNAVAILABLE,
     E_MAS_BAD_REPLY,
+    E_BAD_AUDIO,
 )
 
 
@@ -66,7 +74,7 @@ class TextTurn:
 
 @dataclass(frozen=True)
 class VoiceStart:
-    pass
+    mode: VoiceMode | None = None  # None: the default (agent when an STT is configured, else duplex)
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,14 @@ def parse_client_text(data: str, max_text_chars: int) -> ClientMessage:
             raise ProtocolError(E_BAD_MESSAGE, f"'text' is longer than {max_text_chars} characters")
         return TextTurn(text)
     if kind == "voice_start":
-        return VoiceStart()
+        mode = obj.get("mode")
+        if mode is None:
+            return VoiceStart()
+        if mode == "agent":
+            return VoiceStart("agent")
+        if mode == "duplex":
+            return VoiceStart("duplex")
+        raise ProtocolError(E_BAD_MESSAGE, '\'mode\' must be "agent" or "duplex"')
     if kind == "voice_stop":
         return VoiceStop()
     shown = kind if isinstance(kind, str) and len(kind) <= 40 else type(kind).__name__
@@ -112,8 +127,8 @@ def dumps(event: dict[str, Any]) -> str:
 # --- server events ---
 
 
-def ready(session: str, moshi: MoshiSummary, mas: BackendState, tts: TtsState) -> dict[str, Any]:
-    return {"type": "ready", "session": session, "moshi": moshi, "mas": mas, "tts": tts}
+def ready(session: str, moshi: MoshiSummary, mas: MasState, tts: TtsState, asr: TtsState) -> dict[str, Any]:
+    return {"type": "ready", "session": session, "moshi": moshi, "mas": mas, "tts": tts, "asr": asr}
 
 
 def error(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -147,8 +162,8 @@ def tts_skipped(reason: str, message: str) -> dict[str, Any]:
     return {"type": "tts_skipped", "reason": reason, "message": message}
 
 
-def voice_ready(backend: str) -> dict[str, Any]:
-    return {"type": "voice_ready", "backend": backend}
+def voice_ready(backend: str, mode: VoiceMode) -> dict[str, Any]:
+    return {"type": "voice_ready", "backend": backend, "mode": mode}
 
 
 def voice_unavailable(reason: str, message: str) -> dict[str, Any]:
@@ -165,3 +180,11 @@ def moshi_text(text: str) -> dict[str, Any]:
 
 def degraded(component: str, reason: str, message: str) -> dict[str, Any]:
     return {"type": "degraded", "component": component, "reason": reason, "message": message, "mode": "text"}
+
+
+def transcript(text: str, final: bool) -> dict[str, Any]:
+    return {"type": "transcript", "text": text, "final": final}
+
+
+def tts_interrupted(reason: str) -> dict[str, Any]:
+    return {"type": "tts_interrupted", "reason": reason}

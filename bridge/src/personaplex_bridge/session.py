@@ -1,17 +1,27 @@
-"""One client's session: its state machine, its Moshi voice link, and its MAS turns.
+"""One client's session: its state machine, its voice modes, and its MAS turns.
+
+Voice has two modes. **Agent** (``voice_start`` ``mode:"agent"``, the default when an STT is
+configured): the client's audio is decoded and streamed to the STT (:mod:`.asr`); its words come back
+as ``transcript`` events; :mod:`.turns` decides when the user's turn ends (the turn is then posted to
+MAS with ``source:"voice"`` and the reply is spoken into the same audio stream) and when the user
+barges in on a reply (the playback stops, ``tts_interrupted``). **Duplex**: the audio is relayed to a
+Moshi server (:mod:`.moshi`) and Moshi's audio and words come back; Moshi's words are its own, never
+the user's, so they are not posted to MAS as turns.
 
 Tasks of a session, all owned here and cancelled and awaited in :meth:`Session.run`'s ``finally``:
 
 * the receive loop (the handler's own task): client frames, in order;
 * the writer: the only task that writes to the client, from a bounded queue;
 * the turn worker: MAS calls and spoken replies, one turn at a time, from a bounded queue;
-* while voice is on, the Moshi relay: Moshi frames back to the client.
+* while a reply is spoken in agent mode, its playback (so that a barge-in can cancel it);
+* while voice is on, the relay: Moshi frames back to the client, or the STT's events.
 
 The hot path (a frame in, a frame out) arms no timer: waits that have no natural end are bounded by
 :meth:`Session.watchdog`, which the app calls about once a second. It closes sessions idle past
 ``BRIDGE_IDLE_TIMEOUT_S``, aborts a write to a client stuck past ``BRIDGE_SEND_TIMEOUT_S``, and ends
 a voice session whose Moshi answered nothing for ``BRIDGE_MOSHI_STALL_S`` (which also covers a send
-to Moshi that cannot complete: the frame is counted as unanswered before it is sent).
+to Moshi that cannot complete: the frame is counted as unanswered before it is sent), and an agent
+voice session whose STT answered nothing (or did not finish a turn's flush) for ``BRIDGE_ASR_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,13 +38,17 @@ from typing import Final
 import aiohttp
 from aiohttp import web
 
+from . import moshi
 from . import protocol as p
-from .aio import cancel_and_wait, timeout, ws_close_timeout
+from .aio import cancel_and_wait, timeout
+from .asr import AsrClient, AsrLost, AsrStream, AsrUnavailable, Marker, Step, Word
+from .audio import CHUNK_S, BadAudio, Chunker, OpusDecoder, level_dbfs, ogg_end_s, silence
 from .config import Settings
 from .mas import MasBadReply, MasClient, MasUnavailable
 from .metrics import Metrics
-from .pool import MoshiBackend, MoshiPool
+from .pool import MoshiPool
 from .tts import R_CLOSED, R_EMPTY, R_VOICE_ACTIVE, TtsClient, TtsSkipped
+from .turns import TurnDetector, TurnSettings
 
 log = logging.getLogger("personaplex_bridge.session")
 
@@ -41,7 +56,6 @@ _CLOSE: Final = object()  # writer sentinel: close the websocket after what is q
 _FRAME_S = 0.08  # one Moshi frame
 _UTTERANCE_MAX_CHARS = 1000
 _SENTENCE_END = (".", "!", "?", "…")
-_CLOSED_TYPES = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
 
 
 @dataclass
@@ -53,6 +67,7 @@ class Services:
     pool: MoshiPool
     mas: MasClient
     tts: TtsClient
+    asr: AsrClient
     metrics: Metrics
     draining: bool = False
     idle_changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -65,20 +80,42 @@ class _Turn:
 
 
 @dataclass(eq=False)
-class _Voice:
-    backend: MoshiBackend
-    ws: aiohttp.ClientWebSocketResponse
+class _Duplex:
+    """Voice relayed to a Moshi backend."""
+
+    link: moshi.MoshiLink
     relay: asyncio.Task[None] | None = None
     ended: bool = False
     stalled: bool = False
-    unanswered_since: float | None = None  # first client frame not yet followed by a Moshi frame
+
+    @property
+    def backend_url(self) -> str:
+        return self.link.backend.url
 
 
-class _ConnectFailed(Exception):
-    def __init__(self, busy: bool, reason: str) -> None:
-        super().__init__(reason)
-        self.busy = busy
-        self.reason = reason
+@dataclass(eq=False)
+class _Agent:
+    """Voice to the STT, replies through MAS and the TTS."""
+
+    stream: AsrStream
+    turns: TurnDetector
+    decoder: OpusDecoder = field(default_factory=OpusDecoder)
+    chunker: Chunker = field(default_factory=Chunker)
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # keeps a flush's messages together
+    relay: asyncio.Task[None] | None = None
+    ended: bool = False
+    stalled: bool = False
+    stall_reason: str = ""
+    unanswered_since: float | None = None  # audio sent and no STT message since
+    flush_marker: int | None = None  # the Marker that ends the turn being flushed
+    flush_started: float = 0.0
+    next_marker: int = 1
+    voiced_since: float | None = None  # wall time of the first loud chunk of the current run
+    playback: asyncio.Task[None] | None = None  # the reply being spoken
+    interrupted: bool = False
+
+
+_Voice = _Duplex | _Agent
 
 
 class Session:
@@ -113,12 +150,26 @@ class Session:
         self._utterance_chars = 0
         self._frames_since_text = 0
         self._gap_frames = max(1, round(s.utterance_gap_s / _FRAME_S))
+        self._turn_settings = TurnSettings(
+            pause_threshold=s.asr_pause_threshold,
+            pause_head=s.asr_pause_head,
+            min_silence_s=s.asr_min_silence_s,
+            silence_dbfs=s.asr_silence_dbfs,
+            barge_in_threshold=s.asr_barge_in_threshold,
+        )
 
     # --- state seen by the app ---
 
     @property
     def voice_active(self) -> bool:
         return self._voice is not None
+
+    @property
+    def voice_mode(self) -> p.VoiceMode | None:
+        voice = self._voice
+        if voice is None:
+            return None
+        return "agent" if isinstance(voice, _Agent) else "duplex"
 
     @property
     def idle(self) -> bool:
@@ -147,7 +198,9 @@ class Session:
         self._writer = asyncio.create_task(self._write_loop(), name=f"writer-{self.id}")
         self._worker = asyncio.create_task(self._turn_loop(), name=f"turns-{self.id}")
         try:
-            await self._emit(p.ready(self.id, svc.pool.summary(), svc.mas.state, svc.tts.state))
+            await self._emit(
+                p.ready(self.id, svc.pool.summary(), svc.mas.state, svc.tts.state, svc.asr.state)
+            )
             await self._receive_loop()
         finally:
             await self._teardown()
@@ -182,9 +235,18 @@ class Session:
             if self._writer is not None:
                 self._writer.cancel()
         voice = self._voice
-        if voice is not None and not voice.stalled and voice.relay is not None:
-            since = voice.unanswered_since
+        if isinstance(voice, _Duplex) and not voice.stalled and voice.relay is not None:
+            since = voice.link.unanswered_since
             if since is not None and now - since > s.moshi_stall_s:
+                voice.stalled = True
+                voice.relay.cancel()
+        elif isinstance(voice, _Agent) and not voice.stalled and voice.relay is not None:
+            since = voice.unanswered_since
+            if since is not None and now - since > s.asr_timeout_s:
+                voice.stall_reason = f"the STT answered nothing for {s.asr_timeout_s:g} s"
+            elif voice.flush_marker is not None and now - voice.flush_started > s.asr_timeout_s:
+                voice.stall_reason = f"the STT did not finish the turn within {s.asr_timeout_s:g} s"
+            if voice.stall_reason:
                 voice.stalled = True
                 voice.relay.cancel()
 
@@ -298,10 +360,14 @@ class Session:
             kind = f"0x{data[0]:02x}" if data else "empty"
             await self._error(p.E_UNKNOWN_KIND, f"binary frames must be 0x01 + Ogg/Opus, got kind {kind}")
             return
-        if voice.unanswered_since is None:
-            voice.unanswered_since = time.monotonic()
+        if isinstance(voice, _Agent):
+            await self._to_asr(voice, data[1:])
+            return
+        link = voice.link
+        if link.unanswered_since is None:
+            link.unanswered_since = time.monotonic()
         try:
-            await voice.ws.send_bytes(data)  # bounded by the stall watchdog
+            await link.send(data)  # bounded by the stall watchdog
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
             await self._finish_voice(
                 voice, lost=True, reason=f"sending to Moshi failed ({type(exc).__name__})"
@@ -327,7 +393,7 @@ class Session:
                 return
             await self._queue_turn(_Turn(message.text, "text"))
         elif isinstance(message, p.VoiceStart):
-            await self._start_voice()
+            await self._start_voice(message.mode)
         else:
             await self._stop_voice()
 
@@ -341,6 +407,13 @@ class Session:
                 await self._error(p.E_BUSY, f"{self._s.max_pending_turns} turns are already waiting for MAS")
             else:
                 self._metrics.count("bridge_dropped_frames_total", "utterance_queue_full")
+                if turn.source == "voice":
+                    await self._error(
+                        p.E_BUSY,
+                        f"{self._s.max_pending_turns} turns are already waiting for MAS; "
+                        "this spoken turn was dropped",
+                        source="voice",
+                    )
 
     async def _turn_loop(self) -> None:
         while True:
@@ -370,7 +443,12 @@ class Session:
                 reply.text, reply.tool_calls, reply.agent_activity, reply.memory, reply.extra, turn.source
             )
         )
-        if turn.source == "text":
+        if turn.source == "assistant_speech":
+            return  # context for MAS; Moshi is speaking
+        voice = self._voice
+        if isinstance(voice, _Agent):
+            await self._speak_agent(reply.text, voice)
+        else:
             await self._speak(reply.text)
 
     async def _speak(self, text: str) -> None:
@@ -378,7 +456,7 @@ class Session:
         try:
             if not text.strip():
                 raise TtsSkipped(R_EMPTY, "the reply is empty")
-            if self._voice is not None:
+            if isinstance(self._voice, _Duplex):
                 raise TtsSkipped(R_VOICE_ACTIVE, "Moshi is speaking in this session")
             await self._svc.tts.speak(text, self._tts_audio)
         except TtsSkipped as exc:
@@ -391,14 +469,92 @@ class Session:
     async def _tts_audio(self, page: bytes) -> None:
         if self._closing or self._ended:
             raise TtsSkipped(R_CLOSED, "the session is closing")
-        if self._voice is not None:
-            raise TtsSkipped(R_VOICE_ACTIVE, "voice started while the reply was spoken")
+        if isinstance(self._voice, _Duplex):
+            raise TtsSkipped(R_VOICE_ACTIVE, "duplex voice started while the reply was spoken")
         self._metrics.count("bridge_tts_frames_total")
         await self._emit(bytes((p.KIND_AUDIO,)) + page)
 
+    # --- spoken replies in agent voice mode ---
+
+    async def _speak_agent(self, text: str, agent: _Agent) -> None:
+        """Speak a reply into the agent voice stream: paced to real time, cancelled by a barge-in."""
+        metrics = self._metrics
+        if not text.strip():
+            metrics.count("bridge_tts_turns_total", R_EMPTY)
+            await self._emit(p.tts_skipped(R_EMPTY, "the reply is empty"))
+            return
+        agent.interrupted = False
+        agent.turns.playback_started()
+        started: list[float] = []
+
+        async def on_audio(page: bytes) -> None:
+            await self._paced_audio(agent, page, started)
+
+        async def play() -> None:
+            await self._svc.tts.speak(text, on_audio)
+
+        playback = asyncio.create_task(play(), name=f"playback-{self.id}")
+        agent.playback = playback
+        self._relays.add(playback)
+        playback.add_done_callback(self._relays.discard)
+        try:
+            await asyncio.wait([playback])
+        except asyncio.CancelledError:
+            playback.cancel()
+            raise
+        finally:
+            if agent.playback is playback:
+                agent.playback = None
+        if playback.cancelled():
+            metrics.count("bridge_tts_turns_total", "interrupted")
+            return  # tts_interrupted was sent by whoever stopped it
+        exc = playback.exception()
+        if isinstance(exc, TtsSkipped):
+            metrics.count("bridge_tts_turns_total", exc.reason)
+            await self._emit(p.tts_skipped(exc.reason, exc.message))
+            return
+        if exc is not None:
+            raise exc
+        metrics.count("bridge_tts_turns_total", "done")
+        await self._emit(p.tts_done())
+
+    async def _paced_audio(self, agent: _Agent, page: bytes, started: list[float]) -> None:
+        """Relay one TTS page at most ``BRIDGE_PLAYBACK_LEAD_S`` ahead of real time.
+
+        Pacing keeps the client's buffer short, so that stopping the relay stops what the user hears.
+        """
+        if self._closing or self._ended:
+            raise TtsSkipped(R_CLOSED, "the session is closing")
+        now = time.monotonic()
+        if not started:
+            started.append(now)
+        end_s = ogg_end_s(page)
+        if end_s is not None:
+            wait = started[0] + end_s - self._s.playback_lead_s - now
+            if wait > 0:
+                await asyncio.sleep(wait)  # a barge-in cancels it
+        if agent.interrupted:
+            raise asyncio.CancelledError
+        self._metrics.count("bridge_tts_frames_total")
+        await self._emit(bytes((p.KIND_AUDIO,)) + page)
+
+    async def _interrupt(self, agent: _Agent, reason: str) -> None:
+        """Stop the reply being spoken (if any): no audio of it is queued after this."""
+        playback = agent.playback
+        if playback is None or playback.done() or agent.interrupted:
+            return
+        agent.interrupted = True
+        playback.cancel()
+        if reason == "barge_in":
+            self._metrics.count("bridge_barge_in_total")
+            if agent.voiced_since is not None:
+                self._metrics.observe("bridge_barge_in_seconds", time.monotonic() - agent.voiced_since)
+        log.info("session %s: reply interrupted (%s)", self.id, reason)
+        await self._emit(p.tts_interrupted(reason))
+
     # --- voice ---
 
-    async def _start_voice(self) -> None:
+    async def _start_voice(self, mode: p.VoiceMode | None) -> None:
         svc = self._svc
         if self._voice is not None:
             await self._error(p.E_BAD_STATE, "a voice session is already active")
@@ -406,74 +562,16 @@ class Session:
         if svc.draining:
             await self._voice_unavailable("draining", "the bridge is shutting down")
             return
-        tried: set[str] = set()
-        busy = False
-        while (backend := svc.pool.acquire(frozenset(tried))) is not None:
-            tried.add(backend.url)
-            try:
-                moshi_ws = await self._connect_moshi(backend)
-            except BaseException as exc:  # on cancellation too, the backend must go back
-                svc.pool.release(backend)
-                if not isinstance(exc, _ConnectFailed):
-                    raise
-                busy = busy or exc.busy
-                if not exc.busy:
-                    svc.pool.mark_down(backend, exc.reason)
-                log.info("session %s: moshi %s: %s", self.id, backend.url, exc.reason)
-                continue
-            voice = _Voice(backend, moshi_ws)
-            self._voice = voice
-            self._utterance.clear()
-            self._utterance_chars = 0
-            self._frames_since_text = 0
-            voice.relay = asyncio.create_task(self._relay(voice), name=f"moshi-{self.id}")
-            self._relays.add(voice.relay)
-            voice.relay.add_done_callback(self._relays.discard)
-            svc.metrics.count("bridge_voice_sessions_total", "ready")
-            log.info("session %s: voice on %s", self.id, backend.url)
-            await self._emit(p.voice_ready(backend.url))
-            return
-        if not svc.pool.backends:
-            await self._voice_unavailable("no_backend", "no Moshi backend is configured")
-        elif busy or svc.pool.summary() == "busy":
-            await self._voice_unavailable("busy", "every Moshi backend is in a conversation")
+        if mode is None:
+            mode = "agent" if self._s.asr_url else "duplex"
+        if mode == "agent":
+            await self._start_agent()
         else:
-            await self._voice_unavailable("down", "no Moshi backend is up")
+            await self._start_duplex()
 
     async def _voice_unavailable(self, reason: str, message: str) -> None:
         self._metrics.count("bridge_voice_sessions_total", reason)
         await self._emit(p.voice_unavailable(reason, message))
-
-    async def _connect_moshi(self, backend: MoshiBackend) -> aiohttp.ClientWebSocketResponse:
-        """Open the websocket and wait for the 0x00 handshake, all within the connect timeout."""
-        limit = self._s.moshi_connect_timeout_s
-        moshi_ws: aiohttp.ClientWebSocketResponse | None = None
-        try:
-            async with timeout(limit):
-                moshi_ws = await self._svc.http.ws_connect(
-                    backend.url,
-                    autoping=True,
-                    max_msg_size=self._s.hard_frame_bytes,
-                    **ws_close_timeout(2.0),
-                )
-                msg = await moshi_ws.receive()
-        except asyncio.TimeoutError:
-            if moshi_ws is None:
-                raise _ConnectFailed(False, f"no connection within {limit:g} s") from None
-            await _close_quietly(moshi_ws)
-            raise _ConnectFailed(True, f"no handshake within {limit:g} s (serving someone else?)") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            if moshi_ws is not None:
-                await _close_quietly(moshi_ws)
-            raise _ConnectFailed(False, f"connection failed ({type(exc).__name__})") from None
-        except asyncio.CancelledError:
-            if moshi_ws is not None:
-                await _close_quietly(moshi_ws)
-            raise
-        if msg.type is not aiohttp.WSMsgType.BINARY or msg.data[:1] != b"\x00":
-            await _close_quietly(moshi_ws)
-            raise _ConnectFailed(False, f"expected the 0x00 handshake, got {msg.type.name}")
-        return moshi_ws
 
     async def _stop_voice(self) -> None:
         voice = self._voice
@@ -484,6 +582,207 @@ class Session:
         await self._emit(p.voice_stopped())
 
     async def _finish_voice(self, voice: _Voice, *, lost: bool, reason: str) -> None:
+        if isinstance(voice, _Agent):
+            await self._finish_agent(voice, lost=lost, reason=reason)
+        else:
+            await self._finish_duplex(voice, lost=lost, reason=reason)
+
+    # --- agent voice: the STT ---
+
+    async def _start_agent(self) -> None:
+        svc = self._svc
+        try:
+            stream = await svc.asr.open()
+        except AsrUnavailable as exc:
+            self._metrics.count("bridge_asr_sessions_total", exc.reason)
+            log.info("session %s: no STT: %s", self.id, exc.message)
+            await self._voice_unavailable(exc.reason, exc.message)
+            return
+        if self._ended or self._voice is not None:  # the session ended (or raced) meanwhile
+            await stream.close()
+            return
+        agent = _Agent(stream, TurnDetector(self._turn_settings))
+        self._voice = agent
+        agent.relay = asyncio.create_task(self._asr_relay(agent), name=f"asr-{self.id}")
+        self._relays.add(agent.relay)
+        agent.relay.add_done_callback(self._relays.discard)
+        self._metrics.count("bridge_asr_sessions_total", "ready")
+        self._metrics.count("bridge_voice_sessions_total", "ready")
+        log.info("session %s: agent voice on %s", self.id, stream.url)
+        await self._emit(p.voice_ready(stream.url, "agent"))
+
+    async def _to_asr(self, agent: _Agent, ogg: bytes) -> None:
+        """Decode one client frame and send its 80 ms chunks to the STT."""
+        try:
+            pcm = agent.decoder.decode(ogg)
+        except BadAudio as exc:
+            await self._error(p.E_BAD_AUDIO, f"audio frames must be 0x01 + Ogg/Opus: {exc}")
+            return
+        chunks = agent.chunker.push(pcm)
+        if not chunks:
+            return
+        try:
+            async with agent.send_lock:
+                for chunk in chunks:
+                    level = level_dbfs(chunk)
+                    agent.turns.audio(CHUNK_S, level)
+                    if level > self._s.asr_silence_dbfs:
+                        if agent.voiced_since is None:
+                            agent.voiced_since = time.monotonic()
+                    else:
+                        agent.voiced_since = None
+                    if agent.unanswered_since is None:
+                        agent.unanswered_since = time.monotonic()
+                    await agent.stream.send_audio(chunk)  # bounded by the stall watchdog
+                    self._metrics.count("bridge_asr_audio_seconds_total", None, CHUNK_S)
+        except AsrLost as exc:
+            await self._finish_agent(agent, lost=True, reason=str(exc))
+
+    async def _asr_relay(self, agent: _Agent) -> None:
+        try:
+            await self._asr_events(agent)
+            reason = "the STT stream ended"  # not reached: _asr_events only returns by raising
+        except AsrLost as exc:
+            reason = str(exc)
+        except asyncio.CancelledError:
+            if not agent.stalled:
+                raise
+            _uncancel()
+            reason = agent.stall_reason
+        await self._finish_agent(agent, lost=True, reason=reason)
+
+    async def _asr_events(self, agent: _Agent) -> None:
+        turns = agent.turns
+        metrics = self._metrics
+        while True:
+            event = await agent.stream.receive()  # bounded by the stall watchdog
+            agent.unanswered_since = None
+            if isinstance(event, Step):
+                metrics.count("bridge_asr_messages_total", "step")
+                turns.step(event.prs)
+                if agent.playback is not None:
+                    if turns.barge_in():
+                        await self._interrupt(agent, "barge_in")
+                elif agent.flush_marker is None and turns.turn_ended():
+                    await self._flush_turn(agent)
+            elif isinstance(event, Word):
+                metrics.count("bridge_asr_messages_total", "word")
+                if not event.text.strip():
+                    continue
+                turns.word(event.text)
+                await self._emit(p.transcript(event.text.strip(), False))
+                if agent.playback is not None and turns.barge_in():
+                    await self._interrupt(agent, "barge_in")
+            elif isinstance(event, Marker):
+                metrics.count("bridge_asr_messages_total", "marker")
+                if event.id == agent.flush_marker:
+                    metrics.observe("bridge_turn_flush_seconds", time.monotonic() - agent.flush_started)
+                    agent.flush_marker = None
+                    await self._end_turn(agent)
+            else:
+                metrics.count("bridge_asr_messages_total", "end_word")
+
+    async def _flush_turn(self, agent: _Agent) -> None:
+        """The user's turn ended: send a Marker, then ``BRIDGE_ASR_FLUSH_S`` of silence.
+
+        The STT's words lag its audio by its text delay; it returns a Marker once the audio before it
+        has been processed *and* that delay has passed (Kyutai's servers and ours), which the silence
+        after it provides. The words that arrive before the Marker complete the turn.
+        """
+        marker = agent.next_marker
+        agent.next_marker += 1
+        agent.flush_marker = marker
+        agent.flush_started = time.monotonic()
+        log.debug("session %s: end of turn detected (pause %.2f), flushing", self.id, agent.turns.pause)
+        zeros = silence()
+        frames = math.ceil(self._s.asr_flush_s / CHUNK_S - 1e-9) + 1  # one frame of margin, as Unmute
+        async with agent.send_lock:
+            await agent.stream.send_marker(marker)
+            for _ in range(frames):
+                await agent.stream.send_audio(zeros)
+                agent.turns.audio(CHUNK_S, -math.inf)
+                self._metrics.count("bridge_asr_audio_seconds_total", None, CHUNK_S)
+
+    async def _end_turn(self, agent: _Agent) -> None:
+        text = agent.turns.take_turn()
+        if not text or self._ended:
+            self._metrics.count("bridge_voice_turns_total", "empty")
+            return
+        self._metrics.count("bridge_voice_turns_total", "sent")
+        await self._emit(p.transcript(text, True))
+        await self._queue_turn(_Turn(text, "voice"))
+
+    async def _finish_agent(self, agent: _Agent, *, lost: bool, reason: str) -> None:
+        """End agent voice. Idempotent; safe from the relay. The words of an unfinished turn are
+        posted (on ``voice_stop`` and on a lost STT); a reply being spoken stops on ``voice_stop``
+        and goes on when only the STT was lost."""
+        if agent.ended:
+            return
+        agent.ended = True
+        if self._voice is agent:
+            self._voice = None
+        if lost:
+            self._svc.asr.lost(reason)
+            self._metrics.count("bridge_degraded_total", "asr")
+            self._metrics.count("bridge_asr_sessions_total", "lost")
+            log.warning("session %s: lost the STT: %s", self.id, reason)
+            await self._emit(
+                p.degraded("asr", "backend_lost", f"the STT is gone ({reason}); text still works")
+            )
+        else:
+            log.info("session %s: agent voice ended (%s)", self.id, reason)
+            if not self._ended:
+                await self._interrupt(agent, "voice_stopped")
+        agent.flush_marker = None
+        if not self._ended:
+            await self._end_turn(agent)
+        if agent.relay is not None and agent.relay is not asyncio.current_task():
+            await cancel_and_wait([agent.relay])
+        await agent.stream.close()
+        if self._svc.draining:
+            self._svc.idle_changed.set()
+
+    # --- duplex voice: Moshi ---
+
+    async def _start_duplex(self) -> None:
+        svc = self._svc
+        tried: set[str] = set()
+        busy = False
+        while (backend := svc.pool.acquire(frozenset(tried))) is not None:
+            tried.add(backend.url)
+            try:
+                link = await moshi.connect(
+                    svc.http, backend, self._s.moshi_connect_timeout_s, self._s.hard_frame_bytes
+                )
+            except BaseException as exc:  # on cancellation too, the backend must go back
+                svc.pool.release(backend)
+                if not isinstance(exc, moshi.MoshiConnectFailed):
+                    raise
+                busy = busy or exc.busy
+                if not exc.busy:
+                    svc.pool.mark_down(backend, exc.reason)
+                log.info("session %s: moshi %s: %s", self.id, backend.url, exc.reason)
+                continue
+            voice = _Duplex(link)
+            self._voice = voice
+            self._utterance.clear()
+            self._utterance_chars = 0
+            self._frames_since_text = 0
+            voice.relay = asyncio.create_task(self._moshi_relay(voice), name=f"moshi-{self.id}")
+            self._relays.add(voice.relay)
+            voice.relay.add_done_callback(self._relays.discard)
+            svc.metrics.count("bridge_voice_sessions_total", "ready")
+            log.info("session %s: voice on %s", self.id, backend.url)
+            await self._emit(p.voice_ready(backend.url, "duplex"))
+            return
+        if not svc.pool.backends:
+            await self._voice_unavailable("no_backend", "no Moshi backend is configured")
+        elif busy or svc.pool.summary() == "busy":
+            await self._voice_unavailable("busy", "every Moshi backend is in a conversation")
+        else:
+            await self._voice_unavailable("down", "no Moshi backend is up")
+
+    async def _finish_duplex(self, voice: _Duplex, *, lost: bool, reason: str) -> None:
         """End ``voice``: the backend goes back to the pool at once. Idempotent; safe from the relay."""
         if voice.ended:
             return
@@ -491,11 +790,12 @@ class Session:
         if self._voice is voice:
             self._voice = None
         pool = self._svc.pool
-        pool.release(voice.backend)
+        backend = voice.link.backend
+        pool.release(backend)
         if lost:
-            pool.mark_down(voice.backend, reason)
+            pool.mark_down(backend, reason)
             self._metrics.count("bridge_degraded_total", "moshi")
-            log.warning("session %s: lost moshi %s: %s", self.id, voice.backend.url, reason)
+            log.warning("session %s: lost moshi %s: %s", self.id, backend.url, reason)
             await self._emit(
                 p.degraded("moshi", "backend_lost", f"Moshi is gone ({reason}); text still works")
             )
@@ -504,32 +804,19 @@ class Session:
         await self._flush_utterance()
         if voice.relay is not None and voice.relay is not asyncio.current_task():
             await cancel_and_wait([voice.relay])
-        await _close_quietly(voice.ws)
+        await voice.link.close()
         if self._svc.draining:
             self._svc.idle_changed.set()
 
-    async def _relay(self, voice: _Voice) -> None:
-        moshi_ws = voice.ws
-        reason = "Moshi closed the connection"
+    async def _moshi_relay(self, voice: _Duplex) -> None:
         try:
-            while True:
-                msg = await moshi_ws.receive()  # bounded by the stall watchdog
-                if msg.type is aiohttp.WSMsgType.BINARY:
-                    voice.unanswered_since = None
-                    await self._from_moshi(msg.data)
-                elif msg.type in _CLOSED_TYPES:
-                    break
-                elif msg.type is aiohttp.WSMsgType.ERROR:
-                    reason = f"Moshi connection failed ({type(msg.data).__name__})"
-                    break
+            reason = await voice.link.relay(self._from_moshi)
         except asyncio.CancelledError:
             if not voice.stalled:
                 raise
             _uncancel()
             reason = f"Moshi answered nothing for {self._s.moshi_stall_s:g} s"
-        except (ConnectionError, aiohttp.ClientError) as exc:
-            reason = f"Moshi connection failed ({type(exc).__name__})"
-        await self._finish_voice(voice, lost=True, reason=reason)
+        await self._finish_duplex(voice, lost=True, reason=reason)
 
     async def _from_moshi(self, data: bytes) -> None:
         if not data:
@@ -545,6 +832,8 @@ class Session:
             self._metrics.count("bridge_moshi_frames_total", "text")
             piece = data[1:].decode("utf-8", "replace")
             await self._emit(p.moshi_text(piece))
+            if not self._s.duplex_moshi_to_mas:
+                return  # Moshi's own words: never posted to MAS as the user's
             self._utterance.append(piece)
             self._utterance_chars += len(piece)
             self._frames_since_text = 0
@@ -552,11 +841,13 @@ class Session:
                 await self._flush_utterance()
 
     async def _flush_utterance(self) -> None:
+        """Post Moshi's last utterance to MAS, labelled as the assistant's speech (only with
+        ``BRIDGE_DUPLEX_MOSHI_TO_MAS``; otherwise nothing is ever gathered)."""
         text = "".join(self._utterance).strip()
         self._utterance.clear()
         self._utterance_chars = 0
         if text and not self._ended:
-            await self._queue_turn(_Turn(text, "moshi"))
+            await self._queue_turn(_Turn(text, "assistant_speech"))
 
 
 def _uncancel() -> None:
@@ -565,11 +856,3 @@ def _uncancel() -> None:
         task = asyncio.current_task()
         if task is not None:
             task.uncancel()
-
-
-async def _close_quietly(ws: aiohttp.ClientWebSocketResponse) -> None:
-    try:
-        async with timeout(2.0):
-            await ws.close()
-    except (asyncio.TimeoutError, ConnectionError, RuntimeError, aiohttp.ClientError):
-        pass

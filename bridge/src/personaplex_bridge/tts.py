@@ -26,6 +26,7 @@ import msgpack
 
 from .aio import timeout, ws_close_timeout
 from .config import Settings
+from .health import BackendHealth
 from .protocol import TtsState
 
 log = logging.getLogger("personaplex_bridge.tts")
@@ -99,24 +100,27 @@ class TtsClient:
         self._key = settings.tts_key
         self._step_s = settings.tts_timeout_s
         self._max_s = settings.tts_max_s
-        self._probe_timeout_s = settings.probe_timeout_s
         self._http = http
-        self._reachable = True
-        self._last_ok = True
-        self.reason = "no reply spoken yet"
+        # A reachable host clears only a failure to reach it: a refused key or a bad reply stays "down"
+        # until a reply is spoken again.
+        self.health = BackendHealth(
+            "TTS",
+            self.url,
+            settings.probe_timeout_s,
+            "no reply spoken yet",
+            recovers=lambda reason: reason.startswith("cannot reach"),
+        )
 
     @property
     def state(self) -> TtsState:
-        if self.url is None:
-            return "off"
-        return "up" if self._reachable and self._last_ok else "down"
+        return self.health.state
+
+    @property
+    def reason(self) -> str:
+        return self.health.reason
 
     def _outcome(self, ok: bool, reason: str) -> None:
-        before = self.state
-        self._last_ok = ok
-        self.reason = reason
-        if self.state != before:
-            log.info("TTS is %s (%s)", self.state, reason)
+        self.health.outcome(ok, reason)
 
     async def speak(self, text: str, on_audio: Callable[[bytes], Awaitable[None]]) -> int:
         """Speak ``text``; ``on_audio`` gets each Ogg page. Returns the number of pages.
@@ -133,9 +137,9 @@ class TtsClient:
             elif exc.reason not in (R_VOICE_ACTIVE, R_CLOSED):  # those say nothing about the TTS
                 self._outcome(False, exc.message)
                 if exc.reason == R_UNREACHABLE:
-                    self._reachable = False
+                    self.health.reachable = False
             raise
-        self._reachable = True
+        self.health.reachable = True
         self._outcome(True, "last reply spoken")
         return pages
 
@@ -228,28 +232,7 @@ class TtsClient:
             pass
 
     async def probe(self) -> None:
-        """A TCP connect to the TTS host: marks it down when unreachable, up again when it answers."""
-        if self.url is None:
-            return
-        parts = urlsplit(self.url)
-        port = parts.port or (443 if parts.scheme == "wss" else 80)
-        try:
-            async with timeout(self._probe_timeout_s):
-                _, writer = await asyncio.open_connection(parts.hostname, port)
-                writer.close()
-                await writer.wait_closed()
-            reachable = True
-        except (asyncio.TimeoutError, OSError):
-            reachable = False
-        before = self.state
-        self._reachable = reachable
-        if not reachable:
-            self.reason = "TCP connect failed"
-        elif not self._last_ok and self.reason.startswith("cannot reach"):
-            self._last_ok = True
-            self.reason = "reachable again"
-        if self.state != before:
-            log.info("TTS is %s (%s)", self.state, self.reason)
+        await self.health.probe()
 
     def snapshot(self) -> dict[str, Any]:
         return {"url": self.url, "voice": self._voice or None, "state": self.state, "reason": self.reason}
