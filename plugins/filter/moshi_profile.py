@@ -5,8 +5,9 @@ Given a mode (cpu|gpu), a precision (bf16|fp16|q8) and the GPU's compute capabil
 arguments, the expected speed, and a list of problems (each naming the fix). Roles, playbooks and
 docs all use this table; nothing else re-implements it.
 
-Sources: ../shared/notes/field-notes.md sections 2 and 3 (measured on an H200 with random weights of
-the real 7B architecture). See docs/hardware.md.
+Speeds: the project's bench (``python -m moshi_tools.bench --random-7b``, random weights of the real
+7B architecture) on an NVIDIA H200 machine, GPU and 16 CPU threads; docs/benchmarks.md has the
+commands and the full table, docs/hardware.md the rules.
 """
 
 from __future__ import annotations
@@ -25,19 +26,20 @@ INDEX_CPU = "https://download.pytorch.org/whl/cpu"
 INDEX_CU126 = "https://download.pytorch.org/whl/cu126"
 INDEX_PYPI = ""  # PyPI's default torch 2.9.1 is the cu128 build (sm_70 .. sm_120)
 
-# Moshi 7B (7.69 B parameters): weights and peak memory measured on an H200 (field notes, sec. 2).
+# Moshi 7B (7.69 B parameters): weights and peak memory measured on an H200 (docs/benchmarks.md).
 MOSHI_7B_PARAMS_B = 7.69
 WEIGHTS_GIB_7B = {"bf16": 14.7, "fp16": 14.7, "q8": 7.8}
 ACTIVATION_GIB = 1.6  # peak minus weights, the same for bf16 and q8 at the server's context
 FRAME_MS = 80.0  # one model step per 80 ms of audio
 
-# Median step times for Moshi 7B (ms per 80 ms frame), field notes section 2, H200.
+# Median step times for Moshi 7B (ms per 80 ms frame): `python -m moshi_tools.bench --random-7b` on an
+# NVIDIA H200 machine (GPU runs on the H200, the CPU run on its 16 threads); docs/benchmarks.md.
 MEASURED_STEP_MS = {
-    "gpu bf16 compile+graphs": 17.0,
-    "gpu bf16 graphs, no compile": 21.0,
-    "gpu q8 graphs, no compile": 22.0,
-    "gpu bf16, no graphs": 138.0,
-    "cpu bf16, 16 threads": 820.0,
+    "gpu bf16 compile+graphs": 20.3,
+    "gpu bf16 graphs, no compile": 25.0,
+    "gpu q8 graphs, no compile": 25.9,
+    "gpu bf16, no graphs": 187.5,
+    "cpu bf16, 16 threads": 950.0,
 }
 
 
@@ -193,12 +195,12 @@ def moshi_profile(
         if mode == "cpu":
             profile.realtime = (
                 f"NOT real time: about {step:.0f} ms per {FRAME_MS:.0f} ms frame for Moshi 7B "
-                "(16 Xeon threads of an H200 host; docs/hardware.md)"
+                "(moshi_tools.bench, 16 CPU threads of the H200 bench machine; docs/benchmarks.md)"
             )
         else:
             profile.realtime = (
                 f"real time if the GPU keeps up: {step:.0f} ms per {FRAME_MS:.0f} ms frame for Moshi 7B "
-                "on an H200, a lower bound for smaller GPUs (docs/hardware.md)"
+                "on an H200 (moshi_tools.bench), a lower bound for smaller GPUs (docs/benchmarks.md)"
             )
     return asdict(profile)
 
@@ -222,7 +224,8 @@ def moshi_recommend(
 
 # What playbooks/diagnose.yml reports per host (issue 5). Speeds are the measured medians above.
 DIAGNOSE_SOURCE = (
-    "docs/hardware.md, measured table (field notes section 2: Moshi 7B on an H200, CPU on 16 Xeon threads)"
+    "docs/benchmarks.md, moshi_tools.bench on an H200 machine "
+    "(Moshi 7B on the H200, the CPU run on 16 threads)"
 )
 _NO_GPU_PROBLEM = "moshi_server_mode=gpu but no GPU is known on this host"
 
@@ -346,6 +349,263 @@ def moshi_diagnose(
     return verdict
 
 
+# --- The voice engine (engine/: streaming STT and TTS), same GPU families and torch builds as Moshi ---
+
+ENGINE_PRECISIONS = ("bf16", "fp16", "fp32")
+ENGINE_DEVICES = ("cpu", "cuda")
+BYTES_PER_PARAM = {"bf16": 2, "fp16": 2, "fp32": 4}
+# CUDA context and allocator reserve of one process: not measured (peak figures are torch's allocations).
+ENGINE_CUDA_CONTEXT_GIB = 0.5
+
+
+@dataclass(frozen=True)
+class EngineModel:
+    """A Kyutai model the engine serves: real parameter count and memory beyond the weights."""
+
+    label: str
+    repo: str
+    params_billion: float
+    overhead_gib: float  # peak minus weights at one slot (Mimi, activations, caches)
+    per_slot_gib: float  # each further slot
+    measured: bool
+    source: str
+
+
+ENGINE_MODELS = {
+    "asr": EngineModel(
+        "STT 1B",
+        "kyutai/stt-1b-en_fr",
+        0.97,
+        overhead_gib=0.59,  # 2.4 GiB peak at B=1 minus 1.81 GiB of bf16 weights
+        per_slot_gib=0.109,  # (114 - 2.4) GiB / 1023 more streams
+        measured=True,
+        source="measured: STT-1B-shaped LM + Mimi encode, bf16, H200, B=1..1024 (field notes section 7)",
+    ),
+    "tts": EngineModel(
+        "TTS 1.6B",
+        "kyutai/tts-1.6b-en_fr",
+        1.84,
+        overhead_gib=1.0,
+        per_slot_gib=0.25,
+        measured=False,
+        source="UNMEASURED estimate: overhead and per-slot memory not measured yet",
+    ),
+}
+
+
+def _engine_module_memory(kind: str, precision: str, slots: int) -> float:
+    model = ENGINE_MODELS[kind]
+    weights = model.params_billion * 1e9 * BYTES_PER_PARAM[precision] / 2**30
+    scale = BYTES_PER_PARAM[precision] / 2  # overheads were measured in 16-bit
+    return weights + (model.overhead_gib + model.per_slot_gib * max(slots - 1, 0)) * scale
+
+
+def engine_profile(
+    modules: Any,
+    gpu_cc: Any = None,
+    gpu_memory_mib: Any = None,
+    cpu_threads: Any = 0,
+    gpu_problems: Any = None,
+) -> dict[str, Any]:
+    """How the voice engine runs on a host: the torch build, environment and memory of its modules.
+
+    ``modules`` maps a module name to ``{kind, slots, precision, device}`` (kind defaults to the name;
+    slots 1, precision fp32, device cpu). The torch build is Moshi's for the same hardware (a CUDA
+    build as soon as one module runs on the GPU). Memory is for the full-size models (a tiny test
+    model on the CPU is never checked against memory). ``gpu_problems`` are the host's runtime problems
+    (nvidia_runtime_problems, e.g. WSL2 without libcuda.so), the ones diagnose.yml reports: they block
+    every cuda module. Keys: device, family, torch_spec,
+    torch_index_url, env, modules
+    (name -> kind, model, params_billion, precision, device, slots, memory_gib, measured, source),
+    gpu_memory_gib (the modules on the GPU plus the CUDA context), measured, plan, problems.
+    """
+    problems: list[str] = []
+    cc = _as_float(gpu_cc, "voice_engine_gpu_compute_capability", problems)
+    memory_mib = _as_float(gpu_memory_mib, "voice_engine_gpu_memory_mib", problems)
+    threads = int(_as_float(cpu_threads, "voice_engine_cpu_threads", problems) or 0)
+    if not isinstance(modules, dict) or not modules:
+        problems.append("voice_engine_modules must map at least one module name to its settings (asr, tts)")
+        modules = {}
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name, raw in modules.items():
+        where = f"voice_engine_modules.{name}"
+        spec = raw if isinstance(raw, dict) else {}
+        if not isinstance(raw, dict):
+            problems.append(f"{where} must be a mapping (kind, slots, precision, device)")
+        kind = str(spec.get("kind", name))
+        precision = str(spec.get("precision", "fp32"))
+        device = str(spec.get("device", "cpu"))
+        slots_raw = spec.get("slots", 1)
+        slots = slots_raw if isinstance(slots_raw, int) and not isinstance(slots_raw, bool) else 0
+        ok = True
+        if kind not in ENGINE_MODELS:
+            problems.append(f"{where}.kind={kind!r} is unknown: set one of {', '.join(ENGINE_MODELS)}")
+            ok = False
+        if precision not in ENGINE_PRECISIONS:
+            problems.append(
+                f"{where}.precision={precision!r} is unknown: set one of {', '.join(ENGINE_PRECISIONS)}"
+            )
+            ok = False
+        if device not in ENGINE_DEVICES:
+            problems.append(f"{where}.device={device!r} is unknown: set one of {', '.join(ENGINE_DEVICES)}")
+            ok = False
+        if not 1 <= slots <= 4096:
+            problems.append(f"{where}.slots={slots_raw!r} must be a whole number from 1 to 4096")
+            ok = False
+        if device == "cpu" and precision == "fp16":
+            problems.append(f"{where}: fp16 is for GPUs; on the CPU set precision fp32 (or bf16)")
+        if device == "cuda":
+            if cc is None:
+                problems.append(
+                    f"{where}.device=cuda but no GPU is known on this host: set device cpu "
+                    "(precision fp32), or voice_engine_gpu_compute_capability"
+                )
+            elif precision == "bf16" and cc < BF16_MIN_CC:
+                problems.append(
+                    f"{where}: bf16 needs compute capability >= {BF16_MIN_CC}, this GPU has {cc}: "
+                    "set precision fp16"
+                )
+        if not ok:
+            continue
+        model = ENGINE_MODELS[kind]
+        memory = _engine_module_memory(kind, precision, slots)
+        rows[name] = {
+            "kind": kind,
+            "model": f"{model.label} ({model.repo}, {model.params_billion} B params)",
+            "params_billion": model.params_billion,
+            "precision": precision,
+            "device": device,
+            "slots": slots,
+            "memory_gib": round(memory, 2),
+            "measured": model.measured,
+            "source": model.source,
+        }
+
+    on_gpu = [row for row in rows.values() if row["device"] == "cuda"]
+    if on_gpu:
+        problems.extend(
+            f"{problem}: the cuda modules cannot run here; fix it, or set their device cpu (fp32)"
+            for problem in gpu_problems or []
+        )
+    device = (
+        "cuda" if any(isinstance(m, dict) and m.get("device") == "cuda" for m in modules.values()) else "cpu"
+    )
+    family_name, index, compile_ok = "cpu", INDEX_CPU, False
+    if device == "cuda" and cc is not None:
+        family = gpu_family(cc)
+        if family is None:
+            problems.append(
+                f"GPU compute capability {cc} is older than Pascal (6.0): no supported torch build; "
+                "run every module on the CPU (device cpu, precision fp32)"
+            )
+        else:
+            family_name, index, compile_ok = family.name, family.torch_index_url, family.compile_ok
+    env: dict[str, str] = {}
+    if not compile_ok:
+        # CPU: no inductor C++ compile at start. Pascal: Triton needs CC >= 7.0. CUDA graphs stay on.
+        env["NO_TORCH_COMPILE"] = "1"
+    if threads > 0 and device == "cpu":
+        env["OMP_NUM_THREADS"] = str(threads)
+    gpu_gib = round(sum(row["memory_gib"] for row in on_gpu) + (ENGINE_CUDA_CONTEXT_GIB if on_gpu else 0), 2)
+    gpu_parts = ", ".join(f"{n} {r['memory_gib']}" for n, r in rows.items() if r["device"] == "cuda")
+    if on_gpu and memory_mib is not None and gpu_gib * 1024 > memory_mib:
+        problems.append(
+            f"the GPU modules need about {gpu_gib} GiB ({gpu_parts} + {ENGINE_CUDA_CONTEXT_GIB} context), "
+            f"the GPU has {round(memory_mib / 1024, 1)} GiB: "
+            "lower the slots, or move a module to the CPU"
+        )
+    measured = all(row["measured"] for row in rows.values())
+    parts = [
+        f"{name}{'' if name == row['kind'] else ' (' + row['kind'] + ')'} "
+        f"{row['device']}/{row['precision']} x{row['slots']} ~{row['memory_gib']} GiB"
+        f"{'' if row['measured'] else ' (unmeasured)'}"
+        for name, row in rows.items()
+    ]
+    memory_text = f"{round(memory_mib / 1024, 1)} GiB" if memory_mib is not None else "unknown memory"
+    plan = ("; ".join(parts) + " (memory for the full-size models)") if parts else "no module"
+    if on_gpu:
+        plan += f"; GPU total ~{gpu_gib} GiB of {memory_text}"
+        plan += f" (CUDA context {ENGINE_CUDA_CONTEXT_GIB} GiB unmeasured)"
+        plan += "; speed on this GPU unmeasured"
+    return {
+        "device": device,
+        "family": family_name,
+        "torch_spec": TORCH_SPEC,
+        "torch_index_url": index,
+        "env": env,
+        "modules": rows,
+        "gpu_memory_gib": gpu_gib,
+        "measured": measured,
+        "plan": plan,
+        "problems": problems,
+    }
+
+
+def engine_diagnose(
+    gpu_cc: Any = None, gpu_memory_mib: Any = None, gpu_problems: Any = None
+) -> dict[str, Any]:
+    """What the engine can run on this hardware: asr and tts at one slot each, the best precision.
+
+    Keys: precision, device, fits ({"asr", "tts", "asr+tts"} -> bool, None when memory is unknown),
+    memory_gib (per module and both), max_slots (each module alone beside the other at one slot),
+    line (one sentence for diagnose.yml), blockers (runtime problems of the GPU, e.g. WSL2 without
+    libcuda).
+    """
+    ignored: list[str] = []
+    cc = _as_float(gpu_cc, "gpu compute capability", ignored)
+    memory_mib = _as_float(gpu_memory_mib, "gpu memory", ignored)
+    runtime = [str(p) for p in gpu_problems or []]
+    if cc is None or gpu_family(cc) is None or runtime:
+        why = "no GPU" if cc is None else ("; ".join(runtime) or f"CC {cc} is older than Pascal")
+        return {
+            "precision": "fp32",
+            "device": "cpu",
+            "fits": None,
+            "memory_gib": {},
+            "max_slots": {},
+            "line": f"engine: CPU only ({why}): asr and tts in fp32; speed on this CPU unmeasured",
+            "blockers": runtime,
+        }
+    precision = "bf16" if cc >= BF16_MIN_CC else "fp16"
+    one = {kind: _engine_module_memory(kind, precision, 1) for kind in ENGINE_MODELS}
+    both = sum(one.values()) + ENGINE_CUDA_CONTEXT_GIB
+    fits: dict[str, bool] | None = None
+    max_slots: dict[str, int] = {}
+    if memory_mib is not None:
+        budget = memory_mib / 1024
+        fits = {kind: one[kind] + ENGINE_CUDA_CONTEXT_GIB <= budget for kind in ENGINE_MODELS}
+        fits["asr+tts"] = both <= budget
+        for kind, model in ENGINE_MODELS.items():
+            others = sum(v for k, v in one.items() if k != kind) + ENGINE_CUDA_CONTEXT_GIB
+            room = budget - others - one[kind]
+            scale = BYTES_PER_PARAM[precision] / 2
+            max_slots[kind] = 1 + int(room / (model.per_slot_gib * scale)) if room >= 0 else 0
+    sizes = ", ".join(
+        f"{kind} {ENGINE_MODELS[kind].label} ({ENGINE_MODELS[kind].params_billion} B) ~{one[kind]:.1f} GiB"
+        f"{'' if ENGINE_MODELS[kind].measured else ' (overhead unmeasured)'}"
+        for kind in ENGINE_MODELS
+    )
+    if fits is None or memory_mib is None:
+        verdict = "GPU memory unknown"
+    elif fits["asr+tts"]:
+        verdict = (
+            f"asr+tts fit together ({both:.1f} GiB of {memory_mib / 1024:.1f}); "
+            f"at most ~{max_slots['asr']} asr slots or ~{max_slots['tts']} tts slots beside the other"
+        )
+    else:
+        verdict = f"asr+tts do NOT fit together ({both:.1f} GiB of {memory_mib / 1024:.1f})"
+    return {
+        "precision": precision,
+        "device": "cuda",
+        "fits": fits,
+        "memory_gib": {**{k: round(v, 2) for k, v in one.items()}, "asr+tts": round(both, 2)},
+        "max_slots": max_slots,
+        "line": f"engine: cuda/{precision}: {sizes}; {verdict}; speed on this GPU unmeasured",
+        "blockers": [],
+    }
+
+
 class FilterModule:
     """Ansible entry point."""
 
@@ -355,4 +615,6 @@ class FilterModule:
             "moshi_recommend": moshi_recommend,
             "moshi_resolve_mode": moshi_resolve_mode,
             "moshi_diagnose": moshi_diagnose,
+            "engine_profile": engine_profile,
+            "engine_diagnose": engine_diagnose,
         }

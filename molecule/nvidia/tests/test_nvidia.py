@@ -53,7 +53,7 @@ def test_diagnose_prints_one_row_per_host_and_passes():
     assert native[0].startswith("Debian 12")
     assert native[1:3] == ["native", "none"]
     assert native[6] == "torch==2.9.1 from cpu"
-    assert native[11] == "cpu/bf16 10.25x"
+    assert native[11] == "cpu/bf16 11.88x"
     assert native[12] == "cpu/bf16 (NOT real time)"
     assert native[13] == "cpu/bf16"  # the base config's moshi_server_mode: cpu
     assert native[14] == "-"
@@ -61,7 +61,7 @@ def test_diagnose_prints_one_row_per_host_and_passes():
     assert wsl[1:6] == ["WSL2", "NVIDIA GeForce RTX 5090", "12.0", "32607 MiB", "581.57"]
     assert wsl[6] == "torch==2.9.1 from PyPI (cu128)"
     assert wsl[7:11] == ["yes", "yes", "yes", "bf16"]
-    assert wsl[11].startswith("gpu/bf16 0.21x")
+    assert wsl[11].startswith("gpu/bf16 0.25x")
     assert wsl[12] == "gpu/bf16 (real time)"
 
 

@@ -10,6 +10,14 @@ Usage::
 
 The ``q8`` variant sets ``"quantize": true`` and stores a real LLM.int8 checkpoint (int8 weights and
 float32 ``*_scb`` per-row scales), exactly the layout of Kyutai's ``*-pytorch-q8`` repositories.
+
+The Mimi is made to carry audio: a freshly constructed Mimi has all-zero codebooks (every code is 0
+and decoding ignores the codes) and a random SEANet shrinks its signal about threefold per layer. So
+the encoder and decoder are rescaled layer by layer on a seeded calibration signal, and each codebook
+gets centroids drawn from the latents (or residuals) its layer actually sees (:func:`seed_mimi`):
+different audio gives different codes, and decoding depends on the codes. This module stays
+self-contained (it also runs on target hosts, for ``moshi_tools.selftest``); the voice engine's
+``voice_engine.tiny.mimi`` does the same for the engine's tiny sets.
 """
 
 from __future__ import annotations
@@ -113,6 +121,11 @@ LM_CONFIG: dict[str, Any] = {
 
 LM_GEN_CONFIG = {"top_k": 10, "top_k_text": 10}
 
+FRAME_SIZE = 1920
+# Seeded values are rounded to this grid, so that ulp-level differences between CPUs or thread
+# counts in the calibration passes do not change the written bytes.
+_GRID = 2.0**-12
+
 _WORDS = [
     "hello",
     "moshi",
@@ -199,6 +212,91 @@ def _write_tokenizer(out: Path, seed: int) -> None:
     (out / TOKENIZER_NAME).write_bytes(model.getvalue())
 
 
+def _calibration_audio(torch: Any, seed: int, seconds: float = 1.2) -> Any:
+    """A fixed batch ``[B, 1, T]`` of silence, noise, tones, a chirp and noise bursts."""
+    import math
+
+    gen = torch.Generator().manual_seed(seed + 7919)
+    n = round(seconds * 24000 / FRAME_SIZE) * FRAME_SIZE
+    t = torch.arange(n, dtype=torch.float64) / 24000
+    rows = [torch.zeros(n, dtype=torch.float64)]
+    rows += [level * torch.randn(n, generator=gen, dtype=torch.float64) for level in (0.01, 0.1, 0.5)]
+    rows += [0.5 * torch.sin(2 * math.pi * f * t) for f in (110.0, 440.0, 1500.0, 4000.0)]
+    rows.append(0.4 * torch.sin(2 * math.pi * (100.0 + 1500.0 * t) * t))
+    gate = ((torch.arange(n) // (3 * FRAME_SIZE)) % 2).to(torch.float64)
+    rows.append(0.3 * gate * torch.randn(n, generator=gen, dtype=torch.float64))
+    return torch.stack(rows)[:, None, :].to(torch.float32)
+
+
+def _rescale_layers(torch: Any, module: Any, forward: Any, last_std: float) -> None:
+    """Zero the conv biases and scale each conv, in forward order, to unit output std (LSUV)."""
+    convs = [m for m in module.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d))]
+    handles = []
+    for i, conv in enumerate(convs):
+        target = last_std if i == len(convs) - 1 else 1.0
+
+        def hook(mod: Any, _inputs: Any, out: Any, target: float = target) -> Any:
+            std = float(out.std())
+            if not std > 1e-8:
+                return out
+            mod.weight.data.mul_(target / std)
+            if mod.bias is not None:
+                mod.bias.data.mul_(target / std)
+            return out * (target / std)
+
+        if conv.bias is not None:
+            conv.bias.data.zero_()
+        handles.append(conv.register_forward_hook(hook))
+    try:
+        forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for conv in convs:
+        conv.weight.data.copy_(torch.round(conv.weight.data / _GRID) * _GRID)
+
+
+def _seed_codebooks(torch: Any, rvq: Any, latent: Any, gen: Any) -> None:
+    """Centroids for each residual layer of ``rvq``, drawn from what that layer sees."""
+    projected = rvq.input_proj(latent)
+    residual = projected.transpose(1, 2).reshape(-1, projected.shape[1])
+    for layer in rvq.vq.layers:
+        book = layer._codebook
+        x = layer.project_in(residual)
+        picks = torch.randperm(x.shape[0], generator=gen)[: book.codebook_size]
+        centroids = x[picks]
+        if centroids.shape[0] < book.codebook_size:
+            extra = book.codebook_size - centroids.shape[0]
+            spread = x.std(0).clamp(min=1e-3)
+            centroids = torch.cat(
+                [centroids, x.mean(0) + spread * torch.randn(extra, x.shape[1], generator=gen)]
+            )
+        centroids = centroids + 0.05 * x.std(0).clamp(min=1e-3) * torch.randn(centroids.shape, generator=gen)
+        book.embedding_sum.data.copy_(torch.round(centroids / _GRID) * _GRID)
+        book.cluster_usage.data.fill_(1.0)
+        book._initialized.data.fill_(1.0)
+        book._buffers["_embedding"] = None  # drop the cached all-zero embedding
+        book._cached_initialized = False
+        residual = residual - layer.project_out(book.decode(book.encode(x)))
+
+
+def seed_mimi(mimi: Any, seed: int) -> None:
+    """Make a random Mimi (fp32, CPU) carry its input: propagating layers, data-scaled codebooks."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 104729)
+    audio = _calibration_audio(torch, seed)
+    with torch.no_grad():
+        encoder = torch.nn.ModuleList([mimi.encoder, mimi.downsample])
+        _rescale_layers(torch, encoder, lambda: mimi._encode_to_unquantized_latent(audio), 1.0)
+        latent = mimi._encode_to_unquantized_latent(audio)
+        _seed_codebooks(torch, mimi.quantizer.rvq_first, latent, gen)
+        _seed_codebooks(torch, mimi.quantizer.rvq_rest, latent, gen)
+        codes = mimi.encode(audio)
+        decoder = torch.nn.ModuleList([mimi.upsample, mimi.decoder])
+        _rescale_layers(torch, decoder, lambda: mimi.decode(codes), 0.1)
+
+
 def write_model_set(out: Path, variant: str = "bf16", seed: int = 0) -> Path:
     """Write the model set for ``variant`` into ``out`` and return ``out``."""
     if variant not in ("bf16", "q8"):
@@ -211,6 +309,7 @@ def write_model_set(out: Path, variant: str = "bf16", seed: int = 0) -> Path:
     config = lm_config(variant)
     torch.manual_seed(seed)
     mimi = loaders.get_mimi(None, MIMI_CONFIG, num_codebooks=LM_CONFIG["n_q"], device="cpu")
+    seed_mimi(mimi, seed)
     save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(out / MIMI_NAME))
     lm_kwargs = {k: v for k, v in LM_CONFIG.items()}
     if variant == "q8":
