@@ -11,30 +11,42 @@ export BASE_IMAGE ?= voice-stack/debian-systemd:bookworm
 export WHEELHOUSE ?= $(shell pip config get global.find-links 2>/dev/null || echo /opt/wheels)
 export ANSIBLE_FORCE_COLOR ?= 0
 
-MODELS      := build/models/tiny-bf16/config.json build/models/tiny-q8/config.json
+MODELS      := build/models/tiny-bf16/config.json build/models/tiny-q8/config.json \
+               build/models/tiny-stt/config.json build/models/tiny-tts/config.json
+ENGINE_TINY := engine/src/voice_engine/tiny
 TOOLS_DIR   := roles/moshi_server/files
-SCENARIOS   ?= default q8 nvidia multihost redeploy
+SCENARIOS   ?= default q8 nvidia multihost redeploy engine hf
 ARGS        ?=
 
-.PHONY: help venv engine models lint unit molecule test demo demo-down bench-bridge bench-deploy clean
+.PHONY: help controller venv engine models lint unit molecule test demo demo-down bench-bridge bench-deploy clean
 
 help:
 	@echo "make demo        deploy the whole stack onto a local systemd container (CPU, tiny model)"
 	@echo "make test        lint, unit tests and every Molecule scenario"
 	@echo "make demo-down   remove the demo container"
+	@echo "make controller  the controller tooling alone (ansible, molecule, lint; no torch): docs/controller.md"
+
+# The controller tooling alone (ansible, molecule, lint tools; no torch): apt packages, Python >= 3.11,
+# a half-made .venv repaired (scripts/bootstrap-controller.sh).
+controller: $(VENV)/.controller
+$(VENV)/.controller: requirements/controller.txt scripts/bootstrap-controller.sh
+	./scripts/bootstrap-controller.sh controller $(VENV)
+	touch $@
 
 venv: $(VENV)/.stamp
-$(VENV)/.stamp: requirements/controller.txt $(TOOLS_DIR)/requirements-kyutai.txt bridge/pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements/controller.txt
-	# moshi for the tiny-model generator and the bridge's end-to-end tests: CPU torch first, then
-	# moshi's pinned requirements, then moshi itself with --no-deps (its torch pin is <2.10).
-	$(PY) -m pip install -q --find-links "$(WHEELHOUSE)" torch==2.13.0 bitsandbytes==0.49.2 \
+$(VENV)/.stamp: $(VENV)/.controller $(TOOLS_DIR)/requirements-kyutai.txt bridge/pyproject.toml engine/pyproject.toml \
+  plugins/filter/torch_source.py
+	# moshi for the tiny-model generator and the bridge's end-to-end tests: CPU torch first (the
+	# wheelhouse's, else PyTorch's CPU index, else what to do: plugins/filter/torch_source.py, the same
+	# choice as the test and demo hosts), then moshi's pinned requirements, then moshi itself with
+	# --no-deps (its torch pin is <2.10).
+	./scripts/bootstrap-controller.sh torch $(VENV) "$(WHEELHOUSE)" bitsandbytes==0.49.2 \
 	  -r $(TOOLS_DIR)/requirements-kyutai.txt
 	$(PY) -m pip install -q --no-deps moshi==0.2.13
 	# The bridge, editable, with what its tests and benchmark need.
 	$(PY) -m pip install -q --no-build-isolation -e 'bridge[test]'
+	# The voice engine, editable (its torch and moshi are the ones above).
+	$(PY) -m pip install -q --no-build-isolation -e 'engine[test]'
 	$(PY) -c 'import site, sys; open(site.getsitepackages()[0] + "/voice_stack_tools.pth", "w").write(sys.argv[1] + "\n")' \
 	  "$(CURDIR)/$(TOOLS_DIR)"
 	touch $@
@@ -46,18 +58,26 @@ engine:
 models: $(MODELS)
 build/models/tiny-%/config.json: $(TOOLS_DIR)/moshi_tools/tiny_model.py | $(VENV)/.stamp
 	$(PY) -m moshi_tools.tiny_model --out build/models/tiny-$* --variant $*
+# The engine's tiny sets (explicit rules win over the pattern above): STT-shaped, TTS-shaped with voices.
+build/models/tiny-stt/config.json: $(wildcard $(ENGINE_TINY)/*.py) | $(VENV)/.stamp
+	$(VENV)/bin/voice-engine tiny-model --kind stt --out build/models/tiny-stt
+build/models/tiny-tts/config.json: $(wildcard $(ENGINE_TINY)/*.py) | $(VENV)/.stamp
+	$(VENV)/bin/voice-engine tiny-model --kind tts --out build/models/tiny-tts
 
 lint: $(VENV)/.stamp
 	yamllint --strict .
 	ansible-lint
 	ruff check .
 	ruff format --check .
-	mypy plugins/filter $(TOOLS_DIR)/moshi_tools scripts roles/personaplex_bridge/files roles/service_release/files
+	mypy plugins/filter $(TOOLS_DIR)/moshi_tools scripts roles/service_release/files
 	mypy --config-file bridge/pyproject.toml bridge/src
+	mypy --config-file engine/pyproject.toml engine/src
 
 unit: $(VENV)/.stamp
 	pytest -q tests
+	./scripts/ensure-chromium.sh  # bridge/tests/test_browser.py drives Debian's chromium
 	pytest -q bridge/tests
+	pytest -q engine/tests
 
 molecule: $(VENV)/.stamp engine models
 	mkdir -p .cache/pip-hosts
@@ -74,6 +94,7 @@ demo: $(VENV)/.stamp engine models
 	mkdir -p .cache/pip-hosts
 	./scripts/demo-container.sh up
 	ansible-playbook -i inventory/local molecule/resources/prepare.yml
+	ansible-playbook -i inventory/local playbooks/demo-mas.yml
 	ansible-playbook -i inventory/local site.yml $(ARGS)
 	PYTHONPATH=scripts $(PY) scripts/demo_summary.py
 

@@ -32,11 +32,13 @@ async def next_event(
                 raise ConnectionError(f"closed while waiting for {wanted}")
 
 
-async def voice_session(url: str, frames: int, opened: asyncio.Barrier) -> dict[str, Any]:
+async def voice_session(
+    url: str, frames: int, opened: asyncio.Barrier, mode: str | None = None
+) -> dict[str, Any]:
     result: dict[str, Any] = {"audio": 0, "moshi_text": 0}
     async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
         result["ready"] = await next_event(ws, {"ready"})
-        await ws.send_json({"type": "voice_start"})
+        await ws.send_json({"type": "voice_start", **({"mode": mode} if mode else {})})
         answer = await next_event(ws, {"voice_ready", "voice_unavailable"})
         result["answer"] = answer
         # Every session holds its backend until all have asked for one: they are concurrent.
@@ -62,9 +64,10 @@ async def voice_session(url: str, frames: int, opened: asyncio.Barrier) -> dict[
     return result
 
 
-async def voice(url: str, sessions: int, frames: int) -> dict[str, Any]:
+async def voice(url: str, sessions: int, frames: int, mode: str | None = None) -> dict[str, Any]:
+    """Concurrent Moshi voice sessions; ``mode`` "duplex" where the bridge also has an STT (agent default)."""
     opened = asyncio.Barrier(sessions)
-    results = await asyncio.gather(*(voice_session(url, frames, opened) for _ in range(sessions)))
+    results = await asyncio.gather(*(voice_session(url, frames, opened, mode) for _ in range(sessions)))
     return {"sessions": list(results)}
 
 

@@ -20,20 +20,22 @@ case ${1:-up} in
     fi
     ;;
   up)
-    if [[ $(docker container inspect -f '{{.State.Running}}' "$name" 2>/dev/null) == true ]]; then
+    # Reuse a running container that publishes every port (8080, the engine's, came later).
+    if [[ $(docker container inspect -f '{{.State.Running}}' "$name" 2>/dev/null) == true ]] &&
+      docker port "$name" 8080/tcp >/dev/null 2>&1; then
       log "reusing running container $name"
       exit 0
     fi
     docker rm -f "$name" >/dev/null 2>&1 || true
     mkdir -p "$pip_cache"
-    log "starting $name from $image (ports 127.0.0.1:8998 and 127.0.0.1:8999)"
+    log "starting $name from $image (ports 127.0.0.1:8998, 8999 and 8080)"
     docker run -d --name "$name" --hostname "$name" \
       --cap-add SYS_ADMIN --cgroupns host \
       -v /sys/fs/cgroup:/sys/fs/cgroup:rw \
       --tmpfs /run --tmpfs /run/lock \
       -v "$wheelhouse:/opt/wheels:ro" \
       -v "$pip_cache:/root/.cache/pip" \
-      -p 127.0.0.1:8998:8998 -p 127.0.0.1:8999:8999 \
+      -p 127.0.0.1:8998:8998 -p 127.0.0.1:8999:8999 -p 127.0.0.1:8080:8080 \
       --stop-signal SIGRTMIN+3 \
       "$image" /lib/systemd/systemd >/dev/null
     for _ in $(seq 1 30); do

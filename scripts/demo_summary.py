@@ -1,8 +1,11 @@
 """Print what runs where after `make demo`, and check it the way a user would.
 
 It checks each service from this machine through the published ports: Moshi's websocket route and
-protocol, the bridge's /healthz and /status, and a voice session through the bridge. It exits
-non-zero if anything is unhealthy.
+protocol; the voice engine's /healthz and a real STT and TTS session (Kyutai's protocols); the
+bridge's /healthz and /status and a duplex voice session through it (Moshi); then the whole agent
+loop, step by step: a typed turn answered by the echo agent (the demo's MAS) and spoken by the
+engine's TTS, and a spoken turn (a WAV file streamed as the microphone) transcribed by the engine's
+STT, answered and spoken. It exits non-zero if anything is unhealthy.
 """
 
 from __future__ import annotations
@@ -14,17 +17,21 @@ import sys
 import urllib.error
 import urllib.request
 
-from bridge_client import text, voice
+from agent_turns import spoken_turn, typed_turn
+from bridge_client import voice
 from moshi_tools.probe import probe
+from voice_engine.probe import run as engine_probe
 
 CONTAINER = "voice-local"
 MOSHI = "127.0.0.1:8998"
 BRIDGE = "127.0.0.1:8999"
+ENGINE = "127.0.0.1:8080"
 
 
-def http_get(url: str) -> tuple[int | None, str]:
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int | None, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=5) as response:
             return int(response.status), response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, ""
@@ -44,11 +51,38 @@ def unit_line(unit: str) -> str:
     return f"{state:8} pid {pid:>6}  {fields.get('Description', '')}"
 
 
+def engine_checks() -> list[tuple[str, bool]]:
+    """The engine's /healthz, then one STT and one TTS session in Kyutai's protocols (voice_engine.probe)."""
+    words = "hello from the demo"
+    report = asyncio.run(engine_probe(f"http://{ENGINE}", "public_token", ["asr", "tts"], 2.0, words, "", 60))
+    asr, tts = report.get("asr", {}), report.get("tts", {})
+    return [
+        (
+            f"Engine GET /healthz -> {report.get('healthz', report.get('error'))}",
+            report.get("healthz") == 200,
+        ),
+        (
+            f"Engine STT session (/api/asr-streaming): Ready={asr.get('ready')}, {asr.get('frames_sent')} "
+            f"frames sent, {asr.get('steps')} Step and {asr.get('words')} Word messages back, "
+            f"Marker back={asr.get('marker')} {asr.get('error', '')}",
+            bool(asr.get("ok")),
+        ),
+        (
+            f"Engine TTS session (/api/tts_streaming): Ready={tts.get('ready')}, "
+            f"{tts.get('audio_messages')} audio messages ({tts.get('samples')} samples) for {words!r} "
+            f"{tts.get('error', '')}",
+            bool(tts.get("ok")),
+        ),
+    ]
+
+
 def main() -> int:
     checks: list[tuple[str, bool]] = []
     print(f"\n== voice stack demo on container {CONTAINER} ==")
     print(f"moshi-server        {unit_line('moshi-server')}")
+    print(f"voice-engine        {unit_line('voice-engine')}")
     print(f"personaplex-bridge  {unit_line('personaplex-bridge')}")
+    print(f"mas-standin         {unit_line('mas-standin')}")
 
     status, _ = http_get(f"http://{MOSHI}/api/chat")
     checks.append((f"Moshi  GET /api/chat -> {status} (400: the websocket route is up)", status == 400))
@@ -61,31 +95,46 @@ def main() -> int:
         )
     )
 
+    checks.extend(engine_checks())
+
     status, _ = http_get(f"http://{BRIDGE}/healthz")
     checks.append((f"Bridge GET /healthz -> {status}", status == 200))
-    session = asyncio.run(voice(f"ws://{BRIDGE}/ws", sessions=1, frames=20))["sessions"][0]
+    session = asyncio.run(voice(f"ws://{BRIDGE}/ws", sessions=1, frames=20, mode="duplex"))["sessions"][0]
     checks.append(
         (
-            f"Bridge voice session: ready moshi={session['ready']['moshi']}, {session['answer']['type']} "
+            f"Bridge duplex voice session: ready moshi={session['ready']['moshi']}, "
+            f"{session['answer']['type']} "
             f"{session['answer'].get('backend', '')}, audio frames back={session['audio']}",
             session["answer"]["type"] == "voice_ready" and session["audio"] > 0,
         )
     )
-    turn = asyncio.run(text(f"ws://{BRIDGE}/ws", "hello"))
-    reply = turn["reply"]
+    checks.extend(asyncio.run(typed_turn(f"ws://{BRIDGE}/ws", "hello agent")))
+    checks.extend(asyncio.run(spoken_turn(f"ws://{BRIDGE}/ws")))
+    page, _ = http_get(f"http://{BRIDGE}/test-voice")
+    # The page's module script is fetched with the page's Origin: the demo allows it.
+    script, _ = http_get(f"http://{BRIDGE}/test-voice/page.js", {"Origin": f"http://{BRIDGE}"})
+    checks.append(
+        (f"Bridge test page GET /test-voice -> {page}, its script -> {script}", page == script == 200)
+    )
     status, body = http_get(f"http://{BRIDGE}/status")
     checks.append((f"Bridge GET /status -> {status}", status == 200))
     print("")
     for line, ok in checks:
         print(f"[{'ok' if ok else 'FAIL'}] {line}")
     print(
-        f"[info] Bridge text turn -> {reply['type']}"
-        f" {reply.get('code', '')} (the MAS is external; set personaplex_bridge_mas_url to yours)"
+        "[info] The MAS here is the demo's echo agent (mas-standin); set personaplex_bridge_mas_url to yours."
     )
     if body:
         print("\nBridge /status:\n" + json.dumps(json.loads(body), indent=2))
-    print(f"\nMoshi:  ws://{MOSHI}/api/chat\nBridge: ws://{BRIDGE}/ws  (status: http://{BRIDGE}/status)")
-    print(f"Logs:   docker exec {CONTAINER} journalctl -u moshi-server -u personaplex-bridge -f")
+    print(f"\nPage:   http://{BRIDGE}/test-voice  (the bridge's test page: open it in a browser here)")
+    print(f"Moshi:  ws://{MOSHI}/api/chat\nBridge: ws://{BRIDGE}/ws  (status: http://{BRIDGE}/status)")
+    print(
+        f"Engine: ws://{ENGINE}/api/asr-streaming, ws://{ENGINE}/api/tts_streaming (status: http://{ENGINE}/status)"
+    )
+    print(
+        f"Logs:   docker exec {CONTAINER} journalctl -u moshi-server -u voice-engine -u personaplex-bridge"
+        " -u mas-standin -f"
+    )
     print("Remove: make demo-down")
     healthy = all(ok for _, ok in checks)
     print("\nHEALTHY" if healthy else "\nUNHEALTHY: see the lines above")

@@ -1,8 +1,8 @@
 """Print the hardware decision table in Markdown, from the one decision plugin.
 
-docs/hardware.md and README.md embed its output between the markers
-``<!-- hardware-table:start -->`` and ``<!-- hardware-table:end -->``; a unit test keeps them equal.
-Usage: python scripts/hardware_table.py [--write FILE ...]
+docs/hardware.md embeds its output between the markers ``<!-- hardware-table:start -->`` and
+``<!-- hardware-table:end -->``; a unit test keeps them equal.
+Usage: python scripts/hardware_table.py [--write docs/hardware.md]
 """
 
 from __future__ import annotations
@@ -25,17 +25,25 @@ HOSTS: list[tuple[str, str | None, int | None]] = [
     ("Tesla V100 32 GB", "7.0", 32768),
     ("RTX 2080 Ti", "7.5", 11264),
     ("RTX 3090 / 4090", "8.6", 24576),
-    ("RTX 5090 laptop 24 GB", "12.0", 24463),
-    ("RTX 5090 desktop (WSL2 PC)", "12.0", 32607),
+    ("RTX 5090, the user's WSL2 PC (24 GB, see the note)", "12.0", 24463),
+    ("RTX 5090 desktop card (32 GB)", "12.0", 32607),
     ("H100 80 GB", "9.0", 81559),
 ]
+
+
+NOTE = (
+    "Speeds: `python -m moshi_tools.bench --random-7b` on an NVIDIA H200 machine (GPU rows: the H200, a\n"
+    "lower bound for smaller cards; CPU rows: 16 CPU threads of that machine), from docs/benchmarks.md.\n"
+    'The RTX 5090: the user\'s write-up says "RTX 5090 (24GB)"; the desktop RTX 5090 has 32 GB, 24 GB is\n'
+    "the laptop part. bf16 (16.3 GiB at peak) fits either way; `diagnose.yml` reads the real figure."
+)
 
 
 def speed(profile: dict[str, Any]) -> str:
     step, factor = profile["expected_step_ms"], profile["realtime_factor"]
     if profile["mode"] == "cpu":
-        return f"~{step:.0f} ms (16 Xeon threads): {factor}x, **not real time**"
-    return f"{step:.0f} ms on an H200 (lower bound): {factor}x, real time"
+        return f"~{step:g} ms (16 CPU threads): {factor}x, **not real time**"
+    return f"{step:g} ms on an H200 (lower bound): {factor}x, real time"
 
 
 def table() -> str:
@@ -52,7 +60,7 @@ def table() -> str:
             f"| {profile['precision']} | {torch_build_name(profile)} | `{flags}` "
             f"| {profile['peak_gib']} GiB | {speed(profile)} |"
         )
-    return "\n".join(rows)
+    return "\n".join(rows) + "\n\n" + NOTE
 
 
 def embed(text: str) -> str:

@@ -1,4 +1,5 @@
-"""A stand-in for the external MAS orchestrator: a real HTTP server, for the multihost scenario only.
+"""A stand-in for the external MAS orchestrator, an echo agent: a real HTTP server (a systemd unit) for
+the multihost scenario and for `make demo` (playbooks/demo-mas.yml, the demo inventory only).
 
 POST /api/chat with {"session_id", "text", "source"} answers a MAS-shaped reply and appends the
 request to a JSON-lines log, so tests can see what the bridge sent. GET /health answers 200.

@@ -1,4 +1,4 @@
-"""The bridge wheel build on the controller (roles/personaplex_bridge/files/build_wheel.py)."""
+"""The wheel build on the controller (roles/service_release/files/build_wheel.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "roles" / "personaplex_bridge" / "files" / "build_wheel.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "roles" / "service_release" / "files" / "build_wheel.py"
 BRIDGE = Path(__file__).resolve().parents[2] / "bridge"
 
 
@@ -60,6 +60,6 @@ def test_a_broken_source_fails_with_pips_message(tmp_path):
     (broken / "pyproject.toml").write_text("[project\n")
     result = build(broken, tmp_path / "wheels")
     assert result.returncode == 1
-    assert result.stderr.startswith("bridge wheel build failed: pip wheel")
+    assert result.stderr.startswith("wheel build failed: pip wheel")
     assert "Traceback (most recent call last)" not in result.stderr.splitlines()[0]
     assert not list((tmp_path / "wheels").glob("*/*.whl"))

@@ -35,11 +35,27 @@ def test_production_plays_target_the_right_hosts():
     assert result.returncode == 0, result.stderr
     plays = result.stdout.split("play #")[1:]
     hosts = [set(line.strip() for line in play.splitlines()[3:] if line.strip()) for play in plays]
-    assert hosts == [{"gpu01", "wsl2pc"}, {"gpu01", "wsl2pc"}, {"gpu01"}]  # nvidia, moshi, bridge
+    # nvidia, moshi, engine, bridge
+    assert hosts == [{"gpu01", "wsl2pc"}, {"gpu01", "wsl2pc"}, {"gpu01"}, {"gpu01"}]
 
 
 def test_tags_select_one_concern():
     result = ansible_playbook("-i", "inventory/production", "site.yml", "--list-tasks", "--tags", "bridge")
     assert result.returncode == 0, result.stderr
-    assert "personaplex_bridge : Install the bridge wheel" in result.stdout
-    assert "moshi_server : Install" not in result.stdout
+    # The release steps are include_role tasks (roles/service_release): listed by name, without a role prefix.
+    assert "personaplex_bridge : Check the bridge settings" in result.stdout
+    assert "Install the bridge wheel into a new release" in result.stdout
+    assert "moshi_server : Check the settings" not in result.stdout
+    assert "Install the Moshi venv" not in result.stdout
+    assert "voice_engine : Check the settings" not in result.stdout
+
+
+def test_engine_tag_selects_the_engine_on_gpu01():
+    result = ansible_playbook("-i", "inventory/production", "site.yml", "--list-tasks", "--tags", "engine")
+    assert result.returncode == 0, result.stderr
+    assert "voice_engine : Check the settings against the hardware" in result.stdout
+    assert "personaplex_bridge : Install" not in result.stdout
+    for playbook in ("playbooks/redeploy.yml", "playbooks/rollback.yml"):
+        listed = ansible_playbook("-i", "inventory/production", playbook, "--list-hosts", "--tags", "engine")
+        assert listed.returncode == 0, listed.stderr
+        assert "play #2 (voice_engines)" in listed.stdout
