@@ -12,9 +12,11 @@ export WHEELHOUSE ?= $(shell pip config get global.find-links 2>/dev/null || ech
 export ANSIBLE_FORCE_COLOR ?= 0
 
 MODELS      := build/models/tiny-bf16/config.json build/models/tiny-q8/config.json \
-               build/models/tiny-stt/config.json build/models/tiny-tts/config.json
+               build/models/tiny-stt/config.json build/models/tiny-tts/config.json \
+               build/models/tiny-personaplex/config.json
 ENGINE_TINY := engine/src/voice_engine/tiny
-TOOLS_DIR   := roles/moshi_server/files
+TOOLS_DIR   := tools/moshi-tools
+KYUTAI_REQS := roles/moshi_server/files/requirements-kyutai.txt
 SCENARIOS   ?= default q8 nvidia multihost redeploy engine hf
 ARGS        ?=
 
@@ -34,21 +36,21 @@ $(VENV)/.controller: requirements/controller.txt scripts/bootstrap-controller.sh
 	touch $@
 
 venv: $(VENV)/.stamp
-$(VENV)/.stamp: $(VENV)/.controller $(TOOLS_DIR)/requirements-kyutai.txt bridge/pyproject.toml engine/pyproject.toml \
+$(VENV)/.stamp: $(VENV)/.controller $(KYUTAI_REQS) $(TOOLS_DIR)/pyproject.toml bridge/pyproject.toml engine/pyproject.toml \
   plugins/filter/torch_source.py
 	# moshi for the tiny-model generator and the bridge's end-to-end tests: CPU torch first (the
 	# wheelhouse's, else PyTorch's CPU index, else what to do: plugins/filter/torch_source.py, the same
 	# choice as the test and demo hosts), then moshi's pinned requirements, then moshi itself with
 	# --no-deps (its torch pin is <2.10).
 	./scripts/bootstrap-controller.sh torch $(VENV) "$(WHEELHOUSE)" bitsandbytes==0.49.2 \
-	  -r $(TOOLS_DIR)/requirements-kyutai.txt
+	  -r $(KYUTAI_REQS)
 	$(PY) -m pip install -q --no-deps moshi==0.2.13
 	# The bridge, editable, with what its tests and benchmark need.
 	$(PY) -m pip install -q --no-build-isolation -e 'bridge[test]'
 	# The voice engine, editable (its torch and moshi are the ones above).
 	$(PY) -m pip install -q --no-build-isolation -e 'engine[test]'
-	$(PY) -c 'import site, sys; open(site.getsitepackages()[0] + "/voice_stack_tools.pth", "w").write(sys.argv[1] + "\n")' \
-	  "$(CURDIR)/$(TOOLS_DIR)"
+	# Our Moshi host tools, editable (the hosts get them as a wheel; nothing to install: stdlib only).
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e $(TOOLS_DIR)
 	touch $@
 
 engine:
@@ -56,20 +58,27 @@ engine:
 	./scripts/build-base-image.sh "$(BASE_IMAGE)"
 
 models: $(MODELS)
-build/models/tiny-%/config.json: $(TOOLS_DIR)/moshi_tools/tiny_model.py | $(VENV)/.stamp
+build/models/tiny-%/config.json: $(TOOLS_DIR)/src/moshi_tools/tiny_model.py | $(VENV)/.stamp
 	$(PY) -m moshi_tools.tiny_model --out build/models/tiny-$* --variant $*
 # The engine's tiny sets (explicit rules win over the pattern above): STT-shaped, TTS-shaped with voices.
 build/models/tiny-stt/config.json: $(wildcard $(ENGINE_TINY)/*.py) | $(VENV)/.stamp
 	$(VENV)/bin/voice-engine tiny-model --kind stt --out build/models/tiny-stt
 build/models/tiny-tts/config.json: $(wildcard $(ENGINE_TINY)/*.py) | $(VENV)/.stamp
 	$(VENV)/bin/voice-engine tiny-model --kind tts --out build/models/tiny-tts
+# PersonaPlex-shaped, with its voices under PersonaPlex's names (NATF2.pt: a .pt prompt, NATM0.wav: audio).
+build/models/tiny-personaplex/config.json: $(wildcard $(ENGINE_TINY)/*.py) | $(VENV)/.stamp
+	$(VENV)/bin/voice-engine tiny-model --kind personaplex --out build/models/tiny-personaplex
+	rm -rf build/models/tiny-personaplex-voices && mkdir -p build/models/tiny-personaplex-voices
+	cp build/models/tiny-personaplex/voices/TINYF0.pt build/models/tiny-personaplex-voices/NATF2.pt
+	cp build/models/tiny-personaplex/voices/TINYM0.wav build/models/tiny-personaplex-voices/NATM0.wav
 
 lint: $(VENV)/.stamp
 	yamllint --strict .
 	ansible-lint
 	ruff check .
 	ruff format --check .
-	mypy plugins/filter $(TOOLS_DIR)/moshi_tools scripts roles/service_release/files
+	mypy plugins/filter $(TOOLS_DIR)/src/moshi_tools scripts roles/service_release/files roles/service_release/library \
+	  roles/nvidia_runtime/library roles/nvidia_runtime/module_utils
 	mypy --config-file bridge/pyproject.toml bridge/src
 	mypy --config-file engine/pyproject.toml engine/src
 

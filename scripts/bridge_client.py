@@ -1,6 +1,8 @@
-"""A real browser-side client of the bridge, run on a test host with the Moshi venv's Python.
+"""A real browser-side client of the bridge, run on a test host with a Python that has aiohttp, numpy
+and sphn (the Moshi or the engine venv).
 
     python bridge_client.py voice --sessions N [--frames 20] [--url ws://127.0.0.1:8999/ws]
+        [--mode duplex] [--voice-prompt NATF2.pt] [--text-prompt "You are ..."]
     python bridge_client.py text --text "hello"
 
 Prints one JSON object: for voice, per session the ready event, the backend and what came back;
@@ -15,7 +17,19 @@ import json
 from typing import Any
 
 import aiohttp
-from moshi_tools.probe import opus_frames
+import numpy as np
+import sphn
+
+SAMPLE_RATE = 24000
+FRAME = 1920  # 80 ms
+
+
+def opus_frames(count: int) -> list[bytes]:
+    """``count`` Ogg/Opus chunks of 80 ms each: a quiet 220 Hz tone (the first may be empty)."""
+    writer = sphn.OpusStreamWriter(SAMPLE_RATE)
+    t = np.arange(FRAME * count, dtype=np.float32) / SAMPLE_RATE
+    pcm = (0.1 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)
+    return [bytes(writer.append_pcm(pcm[i * FRAME : (i + 1) * FRAME])) for i in range(count)]
 
 
 async def next_event(
@@ -33,12 +47,12 @@ async def next_event(
 
 
 async def voice_session(
-    url: str, frames: int, opened: asyncio.Barrier, mode: str | None = None
+    url: str, frames: int, opened: asyncio.Barrier, start: dict[str, str]
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"audio": 0, "moshi_text": 0}
     async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
         result["ready"] = await next_event(ws, {"ready"})
-        await ws.send_json({"type": "voice_start", **({"mode": mode} if mode else {})})
+        await ws.send_json({"type": "voice_start", **start})
         answer = await next_event(ws, {"voice_ready", "voice_unavailable"})
         result["answer"] = answer
         # Every session holds its backend until all have asked for one: they are concurrent.
@@ -64,10 +78,11 @@ async def voice_session(
     return result
 
 
-async def voice(url: str, sessions: int, frames: int, mode: str | None = None) -> dict[str, Any]:
-    """Concurrent Moshi voice sessions; ``mode`` "duplex" where the bridge also has an STT (agent default)."""
+async def voice(url: str, sessions: int, frames: int, start: dict[str, str]) -> dict[str, Any]:
+    """Concurrent Moshi voice sessions; ``start`` adds to voice_start (mode "duplex" where the bridge also
+    has an STT, whose default is agent mode; PersonaPlex's voice_prompt and text_prompt)."""
     opened = asyncio.Barrier(sessions)
-    results = await asyncio.gather(*(voice_session(url, frames, opened, mode) for _ in range(sessions)))
+    results = await asyncio.gather(*(voice_session(url, frames, opened, start) for _ in range(sessions)))
     return {"sessions": list(results)}
 
 
@@ -86,9 +101,14 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=1)
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--text", default="hello from the multihost scenario")
+    parser.add_argument("--mode", default="")
+    parser.add_argument("--voice-prompt", default="")
+    parser.add_argument("--text-prompt", default="")
     args = parser.parse_args()
     if args.kind == "voice":
-        outcome = asyncio.run(voice(args.url, args.sessions, args.frames))
+        fields = {"mode": args.mode, "voice_prompt": args.voice_prompt, "text_prompt": args.text_prompt}
+        start = {k: v for k, v in fields.items() if v}
+        outcome = asyncio.run(voice(args.url, args.sessions, args.frames, start))
     else:
         outcome = asyncio.run(text(args.url, args.text))
     print(json.dumps(outcome))

@@ -1,8 +1,9 @@
 """Print what runs where after `make demo`, and check it the way a user would.
 
 It checks each service from this machine through the published ports: Moshi's websocket route and
-protocol; the voice engine's /healthz and a real STT and TTS session (Kyutai's protocols); the
-bridge's /healthz and /status and a duplex voice session through it (Moshi); then the whole agent
+protocol; the voice engine's /healthz and a real STT, TTS and PersonaPlex session (Kyutai's and
+Moshi's protocols; PersonaPlex's NATF2.pt voice prompt); the bridge's /healthz and /status and a
+duplex voice session through it (PersonaPlex or Moshi, from its pool); then the whole agent
 loop, step by step: a typed turn answered by the echo agent (the demo's MAS) and spoken by the
 engine's TTS, and a spoken turn (a WAV file streamed as the microphone) transcribed by the engine's
 STT, answered and spoken. It exits non-zero if anything is unhealthy.
@@ -52,10 +53,13 @@ def unit_line(unit: str) -> str:
 
 
 def engine_checks() -> list[tuple[str, bool]]:
-    """The engine's /healthz, then one STT and one TTS session in Kyutai's protocols (voice_engine.probe)."""
+    """The engine's /healthz, then one STT, one TTS and one chat session (voice_engine.probe)."""
     words = "hello from the demo"
-    report = asyncio.run(engine_probe(f"http://{ENGINE}", "public_token", ["asr", "tts"], 2.0, words, "", 60))
-    asr, tts = report.get("asr", {}), report.get("tts", {})
+    prompts = {"voice_prompt": "NATF2.pt", "text_prompt": "You are a friendly demo."}
+    report = asyncio.run(
+        engine_probe(f"http://{ENGINE}", "public_token", ["asr", "tts", "chat"], 2.0, words, "", 60, prompts)
+    )
+    asr, tts, chat = report.get("asr", {}), report.get("tts", {}), report.get("chat", {})
     return [
         (
             f"Engine GET /healthz -> {report.get('healthz', report.get('error'))}",
@@ -72,6 +76,12 @@ def engine_checks() -> list[tuple[str, bool]]:
             f"{tts.get('audio_messages')} audio messages ({tts.get('samples')} samples) for {words!r} "
             f"{tts.get('error', '')}",
             bool(tts.get("ok")),
+        ),
+        (
+            f"Engine PersonaPlex session (/api/chat, voice NATF2.pt and a text prompt): handshake="
+            f"{chat.get('handshake')}, {chat.get('audio_messages')} audio messages for "
+            f"{chat.get('frames_sent')} frames {chat.get('error', '')}",
+            bool(chat.get("ok")),
         ),
     ]
 
@@ -99,7 +109,8 @@ def main() -> int:
 
     status, _ = http_get(f"http://{BRIDGE}/healthz")
     checks.append((f"Bridge GET /healthz -> {status}", status == 200))
-    session = asyncio.run(voice(f"ws://{BRIDGE}/ws", sessions=1, frames=20, mode="duplex"))["sessions"][0]
+    duplex = voice(f"ws://{BRIDGE}/ws", sessions=1, frames=20, start={"mode": "duplex"})
+    session = asyncio.run(duplex)["sessions"][0]
     checks.append(
         (
             f"Bridge duplex voice session: ready moshi={session['ready']['moshi']}, "
@@ -129,7 +140,8 @@ def main() -> int:
     print(f"\nPage:   http://{BRIDGE}/test-voice  (the bridge's test page: open it in a browser here)")
     print(f"Moshi:  ws://{MOSHI}/api/chat\nBridge: ws://{BRIDGE}/ws  (status: http://{BRIDGE}/status)")
     print(
-        f"Engine: ws://{ENGINE}/api/asr-streaming, ws://{ENGINE}/api/tts_streaming (status: http://{ENGINE}/status)"
+        f"Engine: ws://{ENGINE}/api/asr-streaming, ws://{ENGINE}/api/tts_streaming, ws://{ENGINE}/api/chat "
+        f"(status: http://{ENGINE}/status)"
     )
     print(
         f"Logs:   docker exec {CONTAINER} journalctl -u moshi-server -u voice-engine -u personaplex-bridge"

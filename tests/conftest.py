@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from moshi_tools import q8_patch, tiny_model
 
-TOOLS_DIR = Path(__file__).resolve().parents[1] / "roles" / "moshi_server" / "files"
+TOOLS_DIR = Path(__file__).resolve().parents[1] / "tools" / "moshi-tools" / "src"
 
 
 def tools_env(*extra_paths: Path) -> dict[str, str]:

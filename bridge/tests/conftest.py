@@ -259,6 +259,91 @@ def engine_own(engine_models: dict[str, Path], tmp_path: Path) -> Iterator[Voice
         running.stop()
 
 
+# --- the voice engine with a chat module (PersonaPlex-shaped tiny set) besides asr and tts ---
+
+CHAT_SLOTS = 2
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny PersonaPlex-shaped set (voices TINYF0/TINYM0 .wav and .pt), by the engine's generator."""
+    out = tmp_path_factory.mktemp("tiny-chat") / "personaplex"
+    subprocess.run(
+        [sys.executable, "-m", "voice_engine", "tiny-model", "--kind", "personaplex", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return out
+
+
+@dataclass
+class ChatEngine(VoiceEngine):
+    """A real ``voice-engine serve`` with ``asr``, ``tts`` and ``chat`` (PersonaPlex flavor)."""
+
+    chat_slots: int = CHAT_SLOTS
+
+    @property
+    def chat_url(self) -> str:
+        return f"{self.process.ws}/api/chat?auth_id={self.key}"
+
+    def chat_status(self) -> dict[str, Any]:
+        return dict(self.process.status()["modules"]["chat"])
+
+    async def hold_chat_slot(self) -> Any:
+        """Take one chat slot directly (as another client would); ``await held.close()`` gives it back."""
+        http = aiohttp.ClientSession()
+        ws = await http.ws_connect(self.chat_url)
+        first = await ws.receive(timeout=30)
+        assert first.data == b"\x00", first
+
+        class Held:
+            async def close(self) -> None:
+                await ws.close()
+                await http.close()
+
+        return Held()
+
+
+def _start_chat_engine(tmp: Path, models: dict[str, Path], chat_dir: Path, **chat_options: Any) -> ChatEngine:
+    tts_dir = models["tts"]
+    modules = {
+        "asr": {"kind": "asr", "model_dir": str(models["stt"]), "slots": ASR_SLOTS, "precision": "fp32",
+                "device": "cpu"},
+        "tts": {"kind": "tts", "model_dir": str(tts_dir), "slots": 2, "precision": "fp32", "device": "cpu",
+                "voices_dir": str(tts_dir / "voices")},
+        "chat": {"kind": "chat", "model_dir": str(chat_dir), "slots": CHAT_SLOTS, "precision": "fp32",
+                 "device": "cpu", "voices_dir": str(chat_dir / "voices"), "options": chat_options},
+    }  # fmt: skip
+    process = _engine_conftest().start_engine(tmp, modules, extra={"api_keys": [ENGINE_KEY]})
+    return ChatEngine(process)
+
+
+@pytest.fixture
+def chat_only_engine(chat_model: Path, tmp_path: Path) -> Iterator[ChatEngine]:
+    """An engine with only the chat module, for one test (which may kill it)."""
+    chat = {"kind": "chat", "model_dir": str(chat_model), "slots": CHAT_SLOTS, "precision": "fp32",
+            "device": "cpu", "voices_dir": str(chat_model / "voices")}  # fmt: skip
+    process = _engine_conftest().start_engine(tmp_path, {"chat": chat}, extra={"api_keys": [ENGINE_KEY]})
+    running = ChatEngine(process)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def chat_engine(
+    engine_models: dict[str, Path], chat_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ChatEngine]:
+    """An engine with asr, tts and chat, shared by a test module."""
+    running = _start_chat_engine(tmp_path_factory.mktemp("chat-engine"), engine_models, chat_model)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
 # --- MAS stand-in ---
 
 

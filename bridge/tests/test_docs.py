@@ -8,7 +8,9 @@ from typing import get_args
 
 from conftest import REPO
 from personaplex_bridge import metrics, protocol
+from personaplex_bridge.chat_voice import SAY_REASONS
 from personaplex_bridge.config import OPTIONS, Settings, help_text
+from personaplex_bridge.prompts import ReplyVoice
 
 DOC = (REPO / "docs" / "bridge-protocol.md").read_text()
 
@@ -52,6 +54,9 @@ def test_every_error_code_and_event_is_documented():
         protocol.degraded("moshi", "backend_lost", "m"),
         protocol.transcript("w", False),
         protocol.tts_interrupted("barge_in"),
+        protocol.voice_ready("ws://x", "agent", reply_voice="chat"),
+        protocol.reply_voice_fallback("busy", "m", "session"),
+        protocol.reply_spoken("w", "done"),
     ]
     for event in events:
         assert f'{{"type":"{event["type"]}"' in DOC, event["type"]
@@ -65,6 +70,8 @@ def test_agent_voice_values_are_documented():
     assert '"source":"' + "\\|".join(get_args(protocol.Source)) + '"' in DOC
     assert '"reason":"barge_in\\|voice_stopped"' in DOC
     assert '"component":"moshi\\|asr"' in DOC
+    assert '"reply_voice":"' + "\\|".join(get_args(ReplyVoice)) + '"' in DOC
+    assert '"reason":"' + "\\|".join(SAY_REASONS) + '"' in DOC
     # Every metric the bridge declares is listed in the /metrics paragraph.
     for name in metrics.DECLARED:
         assert f"`{name}" in DOC, name

@@ -167,11 +167,11 @@ def test_a_full_engine_refuses_at_once_with_503(engine: EngineProcess) -> None:
 
 def test_bad_frames_get_an_error_and_the_session_carries_on(engine: EngineProcess) -> None:
     frames = user_frames(5, 6)
-    bad = [b"\x01not ogg at all", b"\x09\x01\x02", b"\x02hello", b"", b"\x03\x00", b"\x06"]
+    bad = [b"\x01not ogg at all", b"\x09\x01\x02", b"\x02\xff\xfe", b"", b"\x03\x00", b"\x06"]
     conv = talk(engine.ws, frames, extra=bad, **PROMPT)
     assert len(conv.errors) == 4, conv.errors
     joined = " | ".join(conv.errors)
-    assert "Ogg" in joined and "0x09" in joined and "text input" in joined and "empty" in joined
+    assert "Ogg" in joined and "0x09" in joined and "not valid UTF-8" in joined and "empty" in joined
     assert len(conv.audio) == len(frames)
     clean = talk(engine.ws, frames, **PROMPT)
     assert [m for m in conv.settled if m[:1] != b"\x05"] == clean.settled  # the bad frames changed nothing

@@ -30,7 +30,10 @@ def test_defaults(model_dir: Path) -> None:
     ("module", "message"),
     [
         ({"kind": "nope"}, "modules.x.kind: 'nope' is not one of asr, tts, chat"),
-        ({"kind": "asr", "precision": "int4"}, "modules.x.precision: 'int4' is not one of bf16, fp16, fp32"),
+        (
+            {"kind": "asr", "precision": "int4"},
+            "modules.x.precision: 'int4' is not one of bf16, fp16, fp32, q8, nf4",
+        ),
         ({"kind": "asr", "device": "cuda:0"}, "modules.x.device: 'cuda:0' is not one of cpu, cuda"),
         ({"kind": "asr", "precision": "fp16"}, "modules.x: fp16 is for GPUs; on the CPU use fp32 (or bf16)"),
         ({"kind": "asr", "slots": 0}, "modules.x.slots: 0 is outside 1..4096"),

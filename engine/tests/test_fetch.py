@@ -8,10 +8,12 @@ HEAD then GET). The fetch runs as a subprocess with ``HF_ENDPOINT`` pointing at 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -137,3 +139,60 @@ def test_a_failed_fetch_over_an_earlier_one_writes_no_stamp(hub: Hub, tmp_path: 
     assert result.returncode == 1
     assert result.stdout.strip() != "fetched"
     assert not (dest / ".fetched").exists()
+
+
+def _tgz(members: dict[str, bytes], link: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, body in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+        if link is not None:
+            info = tarfile.TarInfo(link)
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+def test_extract_unpacks_a_voices_archive_once(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """As PersonaPlex's repository ships its voices: voices.tgz holding voices/NAME.pt."""
+    monkeypatch.setitem(FILES, "voices.tgz", _tgz({"voices/NATF2.pt": b"pt", "voices/NATM0.wav": b"wav"}))
+    dest = tmp_path / "voices"
+    args = ("--repo", REPO, "--dest", str(dest), "--pattern", "voices.tgz", "--extract", "voices.tgz")
+    first = fetch(hub, tmp_path, *args)
+    assert first.returncode == 0, first.stderr
+    assert (dest / "voices" / "NATF2.pt").read_bytes() == b"pt"
+    assert (dest / "voices" / "NATM0.wav").read_bytes() == b"wav"
+    assert fetch(hub, tmp_path, *args).stdout.strip() == "present"
+
+
+def test_extract_refuses_links_and_escapes(hub: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    for bad in ({"../outside.pt": b"x"}, {"voices/ok.pt": b"x", "link": None}):
+        files = {k: v for k, v in bad.items() if v is not None}
+        monkeypatch.setitem(
+            FILES, "voices.tgz", _tgz(files, link="voices/link.pt" if "link" in bad else None)
+        )
+        dest = tmp_path / "v"
+        result = fetch(
+            hub,
+            tmp_path,
+            "--repo",
+            REPO,
+            "--dest",
+            str(dest),
+            "--pattern",
+            "voices.tgz",
+            "--extract",
+            "voices.tgz",
+        )
+        assert result.returncode == 1
+        assert (
+            result.stderr.strip()
+            .splitlines()[-1]
+            .startswith("voice-engine-fetch: kyutai/stt-tiny@main: voices.tgz: refused to unpack")
+        )
+        assert not (tmp_path / "outside.pt").exists()
+        assert not (dest / "voices" / "ok.pt").exists()  # nothing unpacked
+        assert not (dest / ".fetched").exists()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from asr_helpers import stt_model_dir
+from chat_helpers import chat_module, tiny_chat_dir
 from tts_helpers import tiny_tts_dir, tts_module
 
 
@@ -61,3 +62,22 @@ def test_probe_says_what_is_wrong_without_a_traceback(tmp_path: Path):
     assert result.returncode == 2
     assert "not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_probe_runs_a_real_personaplex_chat_session_with_prompts(engine_process, models_root: Path):
+    """The health gate of a chat host: the prefill with a voice and text prompt, handshake, audio back."""
+    engine = engine_process(
+        chat_module(tiny_chat_dir(models_root, "personaplex"), 1, default_voice="TINYF0.pt")
+    )
+    rc, report = run_probe("--config", str(engine.config_path), "--seconds", "0.8")
+    assert rc == 0, report
+    assert report["chat"]["handshake"]
+    assert report["chat"]["frames_sent"] == 10
+    assert report["chat"]["audio_messages"] >= 5
+
+    args = ("--url", engine.http, "--chat", "--chat-voice", "TINYM0.wav", "--chat-text", "You are kind.")
+    rc, report = run_probe(*args)
+    assert rc == 0, report
+    rc, report = run_probe("--url", engine.http, "--chat", "--chat-voice", "../etc/passwd")
+    assert rc == 1
+    assert "400" in report["chat"]["error"]

@@ -9,16 +9,17 @@
   ``{key: {"use": "model"|"voices", **the set's settings}}``, and ``problems`` (unknown keys, bad sources),
   each naming the variable to fix.
 
-A module's ``model`` defaults to ``stt`` for ``asr`` and ``tts`` for ``tts``; a tts module's ``voices``
-defaults to ``voices``. Kinds, precisions, devices and slots are judged by ``engine_profile``
-(moshi_profile.py, the hardware decision), not here.
+A module's ``model`` defaults to ``stt`` for ``asr``, ``tts`` for ``tts`` and ``chat`` for ``chat``; a tts
+module's ``voices`` defaults to ``voices``; a chat module has a voice folder only when it names one
+(``voices``: PersonaPlex's voice prompts; Kyutai's Moshi takes none). Kinds, precisions, devices and
+slots are judged by ``engine_profile`` (moshi_profile.py, the hardware decision), not here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-DEFAULT_MODEL = {"asr": "stt", "tts": "tts"}
+DEFAULT_MODEL = {"asr": "stt", "tts": "tts", "chat": "chat"}
 DEFAULT_VOICES = "voices"
 
 
@@ -33,6 +34,8 @@ def _refs(name: str, spec: dict[str, Any]) -> dict[str, str]:
     refs = {"model": str(spec.get("model", DEFAULT_MODEL.get(kind, kind)))}
     if kind == "tts":
         refs["voices"] = str(spec.get("voices", DEFAULT_VOICES))
+    elif spec.get("voices"):
+        refs["voices"] = str(spec["voices"])
     return refs
 
 

@@ -4,8 +4,8 @@ Reading 15 GB of weights on both sides every run (what ``ansible.builtin.copy`` 
 slow; this compares names, sizes and modification times instead, like rsync's quick check:
 
 - ``{{ dir | model_manifest }}`` (controller): ``{relative path: [size, mtime_ns]}``;
-- ``HOST_SCRIPT`` (run on the host as ``python3 -c SCRIPT DIR STAMP``): ``{"files": {path: size},
-  "stamp": text of STAMP or null}``; STAMP is written after each copy and holds the controller's
+- the module ``model_manifest_host`` (roles/service_release/library/, on the host): ``{"files": {path:
+  size}, "stamp": text of STAMP or null}``; STAMP is written after each copy and holds the controller's
   manifest as JSON;
 - ``{{ host | model_manifest_current(manifest) }}``: true when the stamp is the controller's manifest
   and every file on the host has its size. Anything else means copy (the copy itself still compares
@@ -18,22 +18,6 @@ import json
 import os
 from collections.abc import Mapping
 from typing import Any
-
-HOST_SCRIPT = """
-import json, os, sys
-root, stamp = sys.argv[1], sys.argv[2]
-files = {}
-for base, dirs, names in os.walk(root):
-    for name in names:
-        path = os.path.join(base, name)
-        files[os.path.relpath(path, root)] = os.path.getsize(path)
-try:
-    with open(stamp) as handle:
-        text = handle.read()
-except OSError:
-    text = None
-print(json.dumps({"files": files, "stamp": text}))
-"""
 
 
 def model_manifest(path: str) -> dict[str, list[int]]:
@@ -62,15 +46,10 @@ def model_manifest_current(host: Mapping[str, Any], manifest: Mapping[str, Any])
     return all(sizes.get(name) == entry[0] for name, entry in manifest.items())
 
 
-def model_manifest_host_script(_: Any = None) -> str:
-    return HOST_SCRIPT
-
-
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
             "model_manifest": model_manifest,
             "model_manifest_stamp": model_manifest_stamp,
             "model_manifest_current": model_manifest_current,
-            "model_manifest_host_script": model_manifest_host_script,
         }

@@ -236,18 +236,81 @@ def torch_build_name(profile: dict[str, Any]) -> str:
     return f"{profile['torch_spec']} from {index}"
 
 
+NO_GPU_DETECTED = (
+    "moshi_server_mode=gpu but no NVIDIA GPU was detected on this host: set moshi_server_mode=cpu"
+)
+
+
 def moshi_resolve_mode(
     mode: str,
     precision: str,
     gpu_cc: Any = None,
     gpu_memory_mib: Any = None,
     params_billion: Any = MOSHI_7B_PARAMS_B,
+    gpu_problems: Any = None,
 ) -> str:
-    """``auto`` becomes ``gpu`` when this GPU can run ``precision``, else ``cpu``; others pass through."""
+    """``auto`` becomes ``gpu`` when this GPU can run ``precision`` and nothing blocks the GPU
+    (``gpu_problems``: the host's runtime problems, e.g. WSL2 without libcuda.so), else ``cpu``; other
+    modes pass through."""
     if mode != MODE_AUTO:
         return mode
+    if gpu_cc in (None, "") or gpu_problems:
+        return "cpu"
     gpu = moshi_profile("gpu", precision, gpu_cc, gpu_memory_mib, params_billion)
-    return "gpu" if gpu_cc not in (None, "") and not gpu["problems"] else "cpu"
+    return "cpu" if gpu["problems"] else "gpu"
+
+
+def _contradictions(gpu_cc: Any, gpu_memory_mib: Any, runtime: dict[str, Any]) -> list[str]:
+    """moshi_server_gpu_* values that contradict what the GPU reports (nothing when either is unknown)."""
+    problems: list[str] = []
+    ignored: list[str] = []
+    detected_cc = _as_float(runtime.get("gpu_compute_capability"), "detected cc", ignored)
+    detected_mib = _as_float(runtime.get("gpu_memory_mib"), "detected memory", ignored)
+    wanted_cc = _as_float(gpu_cc, "moshi_server_gpu_compute_capability", ignored)
+    wanted_mib = _as_float(gpu_memory_mib, "moshi_server_gpu_memory_mib", ignored)
+    if wanted_cc is not None and detected_cc is not None and wanted_cc != detected_cc:
+        problems.append(
+            f"moshi_server_gpu_compute_capability={gpu_cc} but the GPU reports "
+            f"{runtime['gpu_compute_capability']}: fix the inventory"
+        )
+    if wanted_mib is not None and detected_mib is not None and wanted_mib > detected_mib * 1.02:
+        problems.append(
+            f"moshi_server_gpu_memory_mib={gpu_memory_mib} but the GPU has {detected_mib:.0f} MiB: "
+            "fix the inventory"
+        )
+    return problems
+
+
+def moshi_host_profile(
+    mode: str,
+    precision: str,
+    gpu_cc: Any = None,
+    gpu_memory_mib: Any = None,
+    params_billion: Any = MOSHI_7B_PARAMS_B,
+    cpu_threads: Any = 0,
+    flavor: str = "kyutai",
+    runtime: Any = None,
+) -> dict[str, Any]:
+    """What the moshi_server role deploys on a host, and what playbooks/diagnose.yml judges: one decision.
+
+    ``mode`` may be ``auto``. ``gpu_cc`` / ``gpu_memory_mib`` are the host's moshi_server_gpu_* settings
+    (by default the detected ones). ``runtime`` is what the nvidia_runtime role detected:
+    ``{gpu_present, gpu_compute_capability, gpu_memory_mib, problems}`` (empty when no detection ran).
+    Its problems (WSL2 without libcuda.so, a driver too old for the GPU, a broken driver), and a GPU
+    that detection did not find, keep ``auto`` on the CPU and are problems of ``gpu`` mode; settings
+    that contradict the detected GPU are problems in any mode. Returns :func:`moshi_profile`'s dict for
+    the resolved mode, with every problem.
+    """
+    facts: dict[str, Any] = dict(runtime or {})
+    blockers = [str(problem) for problem in facts.get("problems") or []]
+    if facts.get("gpu_present") is False and gpu_cc not in (None, ""):
+        blockers.insert(0, NO_GPU_DETECTED)
+    resolved = moshi_resolve_mode(mode, precision, gpu_cc, gpu_memory_mib, params_billion, blockers)
+    profile = moshi_profile(resolved, precision, gpu_cc, gpu_memory_mib, params_billion, cpu_threads, flavor)
+    if resolved == "gpu":
+        profile["problems"].extend(blockers)
+    profile["problems"].extend(_contradictions(gpu_cc, gpu_memory_mib, facts))
+    return profile
 
 
 def moshi_diagnose(
@@ -259,15 +322,17 @@ def moshi_diagnose(
     gpu_problems: Any = None,
     inventory_gpu_cc: Any = None,
     inventory_gpu_memory_mib: Any = None,
+    gpu_present: Any = None,
 ) -> dict[str, Any]:
     """What a host can run, and why: the diagnose row's verdict for detected GPU facts.
 
-    gpu_cc / gpu_memory_mib are what the host reports (None: no GPU). The capability columns are for
-    Moshi 7B; the inventory check (moshi_server_mode / moshi_server_precision, if either is set, the
-    other taking the role default) uses the host's model size, params_billion. gpu_problems are
-    runtime problems found on the host (e.g. WSL2 without libcuda) that block any GPU mode.
-    inventory_gpu_cc / inventory_gpu_memory_mib are the host's moshi_server_gpu_* settings, checked
-    against what the GPU reports.
+    gpu_cc / gpu_memory_mib are what the host reports (None: no GPU); gpu_present what detection said
+    (None: a GPU exactly when gpu_cc is known). The capability columns are for Moshi 7B; the inventory
+    check (moshi_server_mode / moshi_server_precision, if either is set, the other taking the role
+    default) is :func:`moshi_host_profile`, the role's own decision, with the host's model size,
+    params_billion. gpu_problems are runtime problems found on the host (e.g. WSL2 without libcuda)
+    that block any GPU mode. inventory_gpu_cc / inventory_gpu_memory_mib are the host's
+    moshi_server_gpu_* settings (None: the detected values, as in the role).
     Keys: gpu, family, torch_build, gpu_torch_build, compile_ok, bf16_ok, q8_ok (None without GPU),
     fits (precision -> bool, None if memory unknown), largest_precision, realtime_factors
     ("gpu/bf16" -> step / 80 ms), recommended_mode, recommended_precision, recommended_realtime,
@@ -322,38 +387,41 @@ def moshi_diagnose(
         return verdict
 
     precision = str(inventory_precision or "bf16")
-    mode = moshi_resolve_mode(str(inventory_mode or "cpu"), precision, gpu_cc, gpu_memory_mib, params_billion)
-    profile = moshi_profile(mode, precision, gpu_cc, gpu_memory_mib, params_billion)
-    blockers = [problem for problem in profile["problems"] if not problem.startswith(_NO_GPU_PROBLEM)]
-    if mode == "gpu" and not has_gpu:
-        blockers.insert(
-            0, "moshi_server_mode=gpu but no NVIDIA GPU was detected on this host: set moshi_server_mode=cpu"
-        )
-    if mode == "gpu":
-        blockers.extend(runtime_problems)
-    wanted_cc = _as_float(inventory_gpu_cc, "moshi_server_gpu_compute_capability", blockers)
-    if wanted_cc is not None and cc is not None and wanted_cc != cc:
-        blockers.append(
-            f"moshi_server_gpu_compute_capability={inventory_gpu_cc} but the GPU reports {gpu_cc}: "
-            "fix the inventory"
-        )
-    wanted_mib = _as_float(inventory_gpu_memory_mib, "moshi_server_gpu_memory_mib", blockers)
-    if wanted_mib is not None and memory_mib is not None and wanted_mib > memory_mib * 1.02:
-        blockers.append(
-            f"moshi_server_gpu_memory_mib={inventory_gpu_memory_mib} but the GPU has {memory_mib:.0f} MiB: "
-            "fix the inventory"
-        )
-    verdict["inventory"] = f"{mode}/{precision}"
+    runtime = {
+        "gpu_present": has_gpu if gpu_present in (None, "") else bool(gpu_present),
+        "gpu_compute_capability": gpu_cc,
+        "gpu_memory_mib": gpu_memory_mib,
+        "problems": runtime_problems,
+    }
+    profile = moshi_host_profile(
+        str(inventory_mode or "cpu"),
+        precision,
+        gpu_cc if inventory_gpu_cc in (None, "") else inventory_gpu_cc,
+        gpu_memory_mib if inventory_gpu_memory_mib in (None, "") else inventory_gpu_memory_mib,
+        params_billion,
+        runtime=runtime,
+    )
+    # Diagnose reads the GPU itself: "not known" means "not detected" here.
+    blockers = [
+        NO_GPU_DETECTED if problem.startswith(_NO_GPU_PROBLEM) else problem for problem in profile["problems"]
+    ]
+    verdict["inventory"] = f"{profile['mode']}/{precision}"
     verdict["inventory_realtime_factor"] = profile["realtime_factor"]
-    verdict["blockers"] = blockers
+    verdict["blockers"] = list(dict.fromkeys(blockers))
     return verdict
 
 
 # --- The voice engine (engine/: streaming STT and TTS), same GPU families and torch builds as Moshi ---
 
-ENGINE_PRECISIONS = ("bf16", "fp16", "fp32")
+ENGINE_PRECISIONS = ("bf16", "fp16", "fp32", "q8", "nf4")
+# q8 (bitsandbytes LLM.int8) and nf4 (bitsandbytes 4-bit, experimental) serve the chat module only.
+ENGINE_QUANTIZED = ("q8", "nf4")
+ENGINE_QUANTIZED_KINDS = ("chat",)
 ENGINE_DEVICES = ("cpu", "cuda")
-BYTES_PER_PARAM = {"bf16": 2, "fp16": 2, "fp32": 4}
+# Weight bytes per parameter: q8 from Kyutai's q8 Moshi 7B (7.8 GiB), nf4 from NF4 Moshi 7B on the H200
+# (4.38 GiB: the embeddings and output heads stay 16-bit). Activations stay 16-bit in both.
+BYTES_PER_PARAM = {"bf16": 2, "fp16": 2, "fp32": 4, "q8": 1.06, "nf4": 0.6}
+ACTIVATION_SCALE = {"bf16": 1, "fp16": 1, "fp32": 2, "q8": 1, "nf4": 1}
 # CUDA context and allocator reserve of one process: not measured (peak figures are torch's allocations).
 ENGINE_CUDA_CONTEXT_GIB = 0.5
 
@@ -390,13 +458,24 @@ ENGINE_MODELS = {
         measured=False,
         source="UNMEASURED estimate: overhead and per-slot memory not measured yet",
     ),
+    "chat": EngineModel(
+        "PersonaPlex/Moshi 7B",
+        "nvidia/personaplex-7b-v1",
+        7.89,  # served with the agent's 8 depformer steps: 14.7 GiB of bf16 weights
+        overhead_gib=1.6,  # 16.3 GiB peak at B=1 minus the weights
+        per_slot_gib=1.48,  # (109.7 - 16.3) GiB / 63 more conversations, mostly the 3000-step KV cache
+        measured=True,
+        source="measured: Moshi 7B bf16 + Mimi encode/decode per slot, H200, B=1..64 (docs/benchmarks.md)",
+    ),
 }
+# The modules of the agent loop, which diagnose.yml sizes together.
+ENGINE_AGENT_KINDS = ("asr", "tts")
 
 
 def _engine_module_memory(kind: str, precision: str, slots: int) -> float:
     model = ENGINE_MODELS[kind]
     weights = model.params_billion * 1e9 * BYTES_PER_PARAM[precision] / 2**30
-    scale = BYTES_PER_PARAM[precision] / 2  # overheads were measured in 16-bit
+    scale = ACTIVATION_SCALE[precision]  # overheads were measured in 16-bit
     return weights + (model.overhead_gib + model.per_slot_gib * max(slots - 1, 0)) * scale
 
 
@@ -453,6 +532,11 @@ def engine_profile(
         if not 1 <= slots <= 4096:
             problems.append(f"{where}.slots={slots_raw!r} must be a whole number from 1 to 4096")
             ok = False
+        if precision in ENGINE_QUANTIZED and kind not in ENGINE_QUANTIZED_KINDS and kind in ENGINE_MODELS:
+            problems.append(
+                f"{where}: precision {precision} is for the chat module only; set bf16, fp16 or fp32"
+            )
+            ok = False
         if device == "cpu" and precision == "fp16":
             problems.append(f"{where}: fp16 is for GPUs; on the CPU set precision fp32 (or bf16)")
         if device == "cuda":
@@ -460,6 +544,11 @@ def engine_profile(
                 problems.append(
                     f"{where}.device=cuda but no GPU is known on this host: set device cpu "
                     "(precision fp32), or voice_engine_gpu_compute_capability"
+                )
+            elif precision == "q8" and cc < Q8_MIN_CC:
+                problems.append(
+                    f"{where}: q8 (bitsandbytes LLM.int8) needs compute capability >= {Q8_MIN_CC}, this GPU "
+                    f"has {cc}: set precision nf4 (experimental) or fp16"
                 )
             elif precision == "bf16" and cc < BF16_MIN_CC:
                 problems.append(
@@ -519,6 +608,7 @@ def engine_profile(
     parts = [
         f"{name}{'' if name == row['kind'] else ' (' + row['kind'] + ')'} "
         f"{row['device']}/{row['precision']} x{row['slots']} ~{row['memory_gib']} GiB"
+        f"{' (nf4 EXPERIMENTAL: quality unmeasured)' if row['precision'] == 'nf4' else ''}"
         f"{'' if row['measured'] else ' (unmeasured)'}"
         for name, row in rows.items()
     ]
@@ -568,23 +658,24 @@ def engine_diagnose(
             "blockers": runtime,
         }
     precision = "bf16" if cc >= BF16_MIN_CC else "fp16"
-    one = {kind: _engine_module_memory(kind, precision, 1) for kind in ENGINE_MODELS}
+    one = {kind: _engine_module_memory(kind, precision, 1) for kind in ENGINE_AGENT_KINDS}
     both = sum(one.values()) + ENGINE_CUDA_CONTEXT_GIB
     fits: dict[str, bool] | None = None
     max_slots: dict[str, int] = {}
     if memory_mib is not None:
         budget = memory_mib / 1024
-        fits = {kind: one[kind] + ENGINE_CUDA_CONTEXT_GIB <= budget for kind in ENGINE_MODELS}
+        fits = {kind: one[kind] + ENGINE_CUDA_CONTEXT_GIB <= budget for kind in ENGINE_AGENT_KINDS}
         fits["asr+tts"] = both <= budget
-        for kind, model in ENGINE_MODELS.items():
+        for kind in ENGINE_AGENT_KINDS:
+            model = ENGINE_MODELS[kind]
             others = sum(v for k, v in one.items() if k != kind) + ENGINE_CUDA_CONTEXT_GIB
             room = budget - others - one[kind]
-            scale = BYTES_PER_PARAM[precision] / 2
+            scale = ACTIVATION_SCALE[precision]
             max_slots[kind] = 1 + int(room / (model.per_slot_gib * scale)) if room >= 0 else 0
     sizes = ", ".join(
         f"{kind} {ENGINE_MODELS[kind].label} ({ENGINE_MODELS[kind].params_billion} B) ~{one[kind]:.1f} GiB"
         f"{'' if ENGINE_MODELS[kind].measured else ' (overhead unmeasured)'}"
-        for kind in ENGINE_MODELS
+        for kind in ENGINE_AGENT_KINDS
     )
     if fits is None or memory_mib is None:
         verdict = "GPU memory unknown"
@@ -614,6 +705,7 @@ class FilterModule:
             "moshi_profile": moshi_profile,
             "moshi_recommend": moshi_recommend,
             "moshi_resolve_mode": moshi_resolve_mode,
+            "moshi_host_profile": moshi_host_profile,
             "moshi_diagnose": moshi_diagnose,
             "engine_profile": engine_profile,
             "engine_diagnose": engine_diagnose,

@@ -6,7 +6,8 @@ rendered config) and ``ROOT/current`` points at the live one. A release is compl
 gate. FINGERPRINT's first line is the sha256 of the release's inputs; its second line, the venv key,
 names what the release's venv holds (third-party packages and the host's Python), so a new release
 whose venv would hold the same starts from a copy of the live one (``seed``) instead of reinstalling.
-The host's state is read by one command (``STATE_SCRIPT``) and judged here:
+The host's state is read by the role's module (roles/service_release/library/service_release_state.py)
+and judged here:
 
     {{ state | service_release_plan(fingerprint, new_id, keep, root, links=..., venv_key=...) }}
 
@@ -24,34 +25,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9A-Za-z]+$")
-
-# Run on the host as ``python3 -c STATE_SCRIPT ROOT '{"stable": [...], "obsolete": [...]}'``; prints
-# one JSON object. Stable paths must be symlinks into current; obsolete ones (left by the layout before
-# releases) must not exist.
-STATE_SCRIPT = """
-import json, os, sys
-root, paths = sys.argv[1], json.loads(sys.argv[2])
-stable = paths.get("stable", [])
-releases = os.path.join(root, "releases")
-current = os.path.join(root, "current")
-def read(path):
-    try:
-        with open(path) as handle:
-            return handle.read().strip().splitlines() or [""]
-    except OSError:
-        return [None]
-out = {"current": os.path.basename(os.readlink(current)) if os.path.islink(current) else None,
-       "releases": [], "legacy": [p for p in stable if os.path.lexists(p) and not os.path.islink(p)],
-       "links": {p: os.readlink(p) for p in stable if os.path.islink(p)},
-       "obsolete": [p for p in paths.get("obsolete", []) if os.path.lexists(p)],
-       "python": "%d.%d" % sys.version_info[:2]}
-for name in sorted(os.listdir(releases)) if os.path.isdir(releases) else []:
-    path = os.path.join(releases, name)
-    fingerprint = read(os.path.join(path, "FINGERPRINT")) + [None]
-    out["releases"].append({"id": name, "fingerprint": fingerprint[0], "venv_key": fingerprint[1],
-                            "failed": os.path.exists(os.path.join(path, "FAILED"))})
-print(json.dumps(out))
-"""
 
 
 def service_release_id(moment: datetime | str, revision: str) -> str:
@@ -164,10 +137,6 @@ def service_release_plan(
     }
 
 
-def service_release_state_script(_: Any = None) -> str:
-    return STATE_SCRIPT
-
-
 class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
@@ -176,6 +145,5 @@ class FilterModule:
             "service_release_plan": service_release_plan,
             "service_release_prune": service_release_prune,
             "service_release_previous": service_release_previous,
-            "service_release_state_script": service_release_state_script,
             "service_release_links_to_fix": service_release_links_to_fix,
         }

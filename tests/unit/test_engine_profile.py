@@ -171,3 +171,51 @@ def test_a_set_with_a_subdir_is_read_from_it():
     cfg = voice_engine_config({"tts": {}}, "/opt/voice-engine/models", models=models)
     assert cfg["modules"]["tts"]["voices_dir"] == "/opt/voice-engine/models/voices/expresso"
     assert cfg["modules"]["tts"]["model_dir"] == "/opt/voice-engine/models/tts"
+
+
+WSL2PC_CHAT = {"chat": {"kind": "chat", "slots": 4, "precision": "bf16", "device": "cuda"}}
+
+
+def test_wsl2pc_serves_personaplex_chat_in_bf16_within_the_5090s_memory():
+    profile = engine_profile(WSL2PC_CHAT, **RTX_5090)
+    assert profile["problems"] == []
+    row = profile["modules"]["chat"]
+    assert row["measured"] is True
+    # 14.7 GiB of weights + 1.6 GiB at one conversation + 1.48 GiB per further one (H200 figures).
+    assert row["memory_gib"] == pytest.approx(16.3 + 3 * 1.48, abs=0.05)
+    assert "chat cuda/bf16 x4" in profile["plan"]
+
+
+def test_chat_memory_refuses_what_the_gpu_cannot_hold():
+    profile = engine_profile({"chat": {**WSL2PC_CHAT["chat"], "slots": 16}}, **RTX_5090)
+    assert any("lower the slots" in p for p in profile["problems"])
+
+
+def test_quantized_precisions_are_for_chat_only_and_nf4_is_labelled_experimental():
+    profile = engine_profile({"asr": {"kind": "asr", "precision": "q8", "device": "cuda"}}, **RTX_5090)
+    assert profile["problems"] == [
+        "voice_engine_modules.asr: precision q8 is for the chat module only; set bf16, fp16 or fp32"
+    ]
+    nf4 = engine_profile({"chat": {"kind": "chat", "precision": "nf4", "device": "cuda"}}, **GTX_1080_TI)
+    assert nf4["problems"] == []
+    assert "nf4 EXPERIMENTAL" in nf4["plan"]
+    # 7.89 B params at 0.6 bytes + 1.6 GiB: about 6 GiB, as measured (5.91 GiB peak on the H200).
+    assert nf4["modules"]["chat"]["memory_gib"] == pytest.approx(6.0, abs=0.2)
+    q8 = engine_profile({"chat": {"kind": "chat", "precision": "q8", "device": "cuda"}}, **GTX_1080_TI)
+    assert any("q8 (bitsandbytes LLM.int8) needs compute capability" in p for p in q8["problems"])
+
+
+def test_a_chat_module_gets_its_voice_folder_only_when_it_names_one():
+    models = {
+        "chat": {"source": "local", "local_dir": "/m"},
+        "pp_voices": {"source": "local", "local_dir": "/v"},
+    }
+    moshi = voice_engine_config({"chat": {"kind": "chat"}}, "/opt/m", models=models)["modules"]["chat"]
+    assert moshi["model_dir"] == "/opt/m/chat"
+    assert "voices_dir" not in moshi
+    models["pp_voices"]["subdir"] = "voices"
+    pp = voice_engine_config({"chat": {"kind": "chat", "voices": "pp_voices"}}, "/opt/m", models=models)
+    assert pp["modules"]["chat"]["voices_dir"] == "/opt/m/pp_voices/voices"
+    uses = voice_engine_model_uses({"chat": {"kind": "chat", "voices": "pp_voices"}}, models)
+    assert uses["problems"] == []
+    assert uses["sets"]["pp_voices"]["use"] == "voices"

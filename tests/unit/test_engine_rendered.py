@@ -23,12 +23,14 @@ FILTERS = ROOT / "plugins" / "filter"
 GPU01_MODULES = yaml.safe_load((ROOT / "inventory/production/host_vars/gpu01.yml").read_text())[
     "voice_engine_modules"
 ]
+WSL2PC = yaml.safe_load((ROOT / "inventory/production/host_vars/wsl2pc.yml").read_text())
 CPU_MODULES = {"asr": {"slots": 2}, "tts": {"slots": 1}}
 
 # name: (modules, compute capability, GPU memory MiB)
 HOSTS: dict[str, tuple[dict[str, Any], str | None, int | None]] = {
     "gpu01-gtx1080ti": (GPU01_MODULES, "6.1", 11264),
     "cpu-only": (CPU_MODULES, None, None),
+    "wsl2pc-rtx5090-personaplex": (WSL2PC["voice_engine_modules"], "12.0", 32607),
     "rtx5090-bf16": (
         {
             "asr": {"precision": "bf16", "device": "cuda", "slots": 64},
@@ -118,6 +120,20 @@ def test_gpu01_config_is_asr_and_tts_in_fp16_on_cuda():
     }
     assert out["profile"]["torch_index_url"].endswith("/cu126")
     assert env_assignments(out["env"])["NO_TORCH_COMPILE"] == "1"
+
+
+def test_wsl2pc_serves_personaplex_in_bf16_with_natf2_and_its_voice_folder():
+    out = render(*HOSTS["wsl2pc-rtx5090-personaplex"], voice_engine_models=WSL2PC["voice_engine_models"])
+    config = json.loads(out["config"])
+    chat = config["modules"]["chat"]
+    assert (chat["kind"], chat["precision"], chat["device"]) == ("chat", "bf16", "cuda")
+    assert chat["model_dir"] == "/opt/voice-engine/models/personaplex"
+    assert chat["voices_dir"] == "/opt/voice-engine/models/personaplex_voices/voices"
+    assert chat["options"] == {"flavor": "personaplex", "default_voice": "NATF2.pt"}
+    assert out["profile"]["problems"] == []
+    assert "chat cuda/bf16 x4" in out["profile"]["plan"]
+    assert out["profile"]["torch_index_url"] == ""  # PyPI's default torch: CUDA 12.8, Blackwell kernels
+    assert "NO_TORCH_COMPILE" not in env_assignments(out["env"])
 
 
 def test_extra_env_cannot_smuggle_no_cuda_graph_past_the_guard():

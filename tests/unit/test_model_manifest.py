@@ -1,25 +1,19 @@
-"""The quick check of the copied model set (plugins/filter/model_manifest.py)."""
+"""The quick check of the copied model set: the controller's side (plugins/filter/model_manifest.py) and
+the host's (roles/service_release/library/model_manifest_host.py, run by ansible)."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from model_manifest import HOST_SCRIPT, model_manifest, model_manifest_current, model_manifest_stamp
+from model_manifest import model_manifest, model_manifest_current, model_manifest_stamp
+from role_module import run_module
 
 
 def host_state(model: Path, stamp: Path) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", HOST_SCRIPT, str(model), str(stamp)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout)
+    """The registered result of the role's task, as model_manifest_current receives it."""
+    return run_module("service_release", "model_manifest_host", {"path": str(model), "stamp": str(stamp)})
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from moshi_profile import DIAGNOSE_SOURCE, FilterModule, moshi_diagnose
-from nvidia_facts import nvidia_runtime_detect, wsl_libcuda_problem
+from nvidia_facts import nvidia_runtime_detect, wsl_libcuda_problem  # roles/nvidia_runtime/module_utils
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nvidia-smi"
 

@@ -1,4 +1,5 @@
-"""NVIDIA runtime facts (plugins/filter/nvidia_facts.py) from recorded and written nvidia-smi outputs."""
+"""NVIDIA runtime facts (roles/nvidia_runtime/module_utils/nvidia_facts.py) from recorded and written
+nvidia-smi outputs."""
 
 from __future__ import annotations
 
@@ -7,10 +8,7 @@ from pathlib import Path
 import pytest
 from nvidia_facts import (
     QUERY_FIELDS_NO_CC,
-    FilterModule,
     nvidia_cc_fallback,
-    nvidia_diagnose_row,
-    nvidia_diagnose_table,
     nvidia_driver_plan,
     nvidia_driver_problems,
     nvidia_generation,
@@ -424,68 +422,6 @@ def test_overrides_win_over_the_host():
 
 
 # --- the diagnose table ---------------------------------------------------------------------------------
-
-
-def test_diagnose_row_and_table():
-    diagnosis = {
-        "gpu": True,
-        "torch_build": "torch==2.9.1 from cpu",
-        "compile_ok": False,
-        "bf16_ok": False,
-        "q8_ok": False,
-        "largest_precision": None,
-        "realtime_factors": {"cpu/bf16": 10.25},
-        "recommended_mode": "cpu",
-        "recommended_precision": "bf16",
-        "recommended_realtime": False,
-        "inventory": "gpu/fp16",
-        "blockers": ["the model needs about 16.3 GiB | more"],
-    }
-    runtime = {
-        "is_wsl2": False,
-        "gpu_present": True,
-        "gpu_name": "GeForce GTX 1080 Ti",
-        "gpu_compute_capability": "6.1",
-        "gpu_compute_capability_source": "name table",
-        "gpu_memory_mib": 11264,
-        "driver_version": "470.256.02",
-    }
-    row = nvidia_diagnose_row(diagnosis, "gpu01", "Ubuntu 22.04", runtime)
-    assert row[:7] == [
-        "gpu01",
-        "Ubuntu 22.04",
-        "native",
-        "GeForce GTX 1080 Ti",
-        "6.1 (name table)",
-        "11264 MiB",
-        "470.256.02",
-    ]
-    assert row[7:] == [
-        "torch==2.9.1 from cpu",
-        "no",
-        "no",
-        "no",
-        "none",
-        "cpu/bf16 10.25x",
-        "cpu/bf16 (NOT real time)",
-        "gpu/fp16",
-        "the model needs about 16.3 GiB | more",
-        "-",
-    ]
-    lines = nvidia_diagnose_table([row]).splitlines()
-    assert len(lines) == 3
-    assert lines[0].startswith("| host ")
-    assert set(lines[1]) == {"|", "-"}
-    assert lines[2].startswith("| gpu01 ")
-    assert lines[2].count("|") == lines[0].count("|")  # a '|' inside a cell does not add a column
-    assert len({len(line) for line in lines}) == 1
-
-
-def test_filters_are_registered_for_ansible():
-    filters = FilterModule().filters()
-    assert filters["nvidia_runtime_detect"] is nvidia_runtime_detect
-    assert filters["nvidia_is_wsl2"] is nvidia_is_wsl2
-    assert filters["nvidia_driver_plan"] is nvidia_driver_plan
 
 
 def test_a_container_sees_the_machines_gpu_but_is_never_given_a_driver():

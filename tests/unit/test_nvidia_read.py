@@ -1,18 +1,15 @@
-"""The one read-only command of nvidia_runtime's detection (nvidia_facts.READ_SCRIPT), on a fake host:
-a sysfs PCI tree, kernel files and nvidia-smi stand-ins that print captured outputs."""
+"""The nvidia_runtime role's module (library/nvidia_runtime_facts.py), run by ansible on a fake host: a sysfs
+PCI tree, kernel files and nvidia-smi stand-ins that print captured outputs. It returns the facts directly."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
-from nvidia_facts import READ_SCRIPT, nvidia_runtime_detect
+from role_module import run_module
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nvidia-smi"
 QUERY = "name,compute_cap,memory.total,driver_version"
-QUERY_NO_CC = "name,memory.total,driver_version"
 
 
 def fake_smi(path: Path, with_cc: str, without_cc: str = "", rc_with_cc: int = 0) -> str:
@@ -27,57 +24,53 @@ def fake_smi(path: Path, with_cc: str, without_cc: str = "", rc_with_cc: int = 0
     return str(path)
 
 
-def read(tmp_path: Path, smi: list[str], files: list[str], marks: list | None = None) -> dict:
-    pci = tmp_path / "pci"
-    gpu = pci / "0000:01:00.0"
+def pci_tree(root: Path, device: str = "0x1b06") -> str:
+    gpu = root / "0000:01:00.0"
     gpu.mkdir(parents=True)
-    for attr, value in (("vendor", "0x10de"), ("class", "0x030000"), ("device", "0x1b06")):
+    for attr, value in (("vendor", "0x10de"), ("class", "0x030000"), ("device", device)):
         (gpu / attr).write_text(value + "\n")
-    args = {
-        "osrelease": str(FIXTURES / "osrelease-h100.txt"),
-        "proc_version": str(FIXTURES / "version-h200.txt"),
-        "pci_dir": str(pci),
-        "files": files,
-        "smi": smi,
-        "query": QUERY,
-        "query_no_cc": QUERY_NO_CC,
-        "container_marks": marks or [],
+    return str(root)
+
+
+def module(tmp_path: Path, **args: Any) -> dict[str, Any]:
+    """The module's facts on this machine, with the paths pointed into tmp_path."""
+    missing = str(tmp_path / "missing")
+    params = {
+        "osrelease_path": str(FIXTURES / "osrelease-h100.txt"),
+        "proc_version_path": str(FIXTURES / "version-h200.txt"),
+        "pci_devices_dir": missing,
+        "nvidia_smi_path": missing,
+        "wsl_libcuda_path": missing,
+        "module_file": missing,
+        "dxg_path": missing,
+        "container_marks": [],
+        **args,
     }
-    out = subprocess.run(
-        [sys.executable, "-c", READ_SCRIPT, json.dumps(args)], capture_output=True, text=True, check=True
-    )
-    return json.loads(out.stdout)
+    result = run_module("nvidia_runtime", "nvidia_runtime_facts", params)
+    assert result["changed"] is False
+    facts: dict[str, Any] = result["ansible_facts"]
+    return facts
 
 
-def detect(raw: dict, smi: str) -> dict:
-    """What detect.yml hands the filter."""
-    result = raw["smi"][smi]
-    return nvidia_runtime_detect({
-        "osrelease": raw["osrelease"],
-        "proc_version": raw["proc_version"],
-        "pci": raw["pci"],
-        "smi_found": result["found"],
-        "smi_rc": result.get("rc"),
-        "smi_stdout": result.get("stdout", ""),
-        "smi_stderr": result.get("stderr", ""),
-        "smi_nocc_stdout": result.get("nocc_stdout", ""),
-        "module_loaded": True,
-        "libcuda_present": False,
-        "dxg_present": False,
-    })  # fmt: skip
-
-
-def test_gtx_1080_ti_read_in_one_command(tmp_path):
+def test_gtx_1080_ti_read_and_returned_as_facts(tmp_path):
     smi = fake_smi(tmp_path / "bin" / "nvidia-smi", str(FIXTURES / "gtx-1080-ti.csv"))
-    raw = read(tmp_path, [str(tmp_path / "wsl" / "nvidia-smi"), smi], [smi, str(tmp_path / "no-such-file")])
-    assert raw["exists"] == {smi: True, str(tmp_path / "no-such-file"): False}
-    assert raw["smi"][str(tmp_path / "wsl" / "nvidia-smi")] == {"found": False}
-    assert "pci/0000:01:00.0/vendor:0x10de" in raw["pci"]
-    facts = detect(raw, smi)
-    assert facts["gpu_name"] == "GeForce GTX 1080 Ti"
-    assert facts["gpu_compute_capability"] == "6.1"
-    assert facts["gpu_pci_ids"] == ["0x1b06"]
-    assert not facts["is_wsl2"]
+    facts = module(
+        tmp_path,
+        pci_devices_dir=pci_tree(tmp_path / "pci"),
+        nvidia_smi_path=smi,
+        module_file=smi,  # any file that exists: "the kernel module is loaded"
+        distribution="Ubuntu",
+        distribution_major_version="22",
+    )
+    assert facts["nvidia_runtime_gpu_name"] == "GeForce GTX 1080 Ti"
+    assert facts["nvidia_runtime_gpu_compute_capability"] == "6.1"
+    assert facts["nvidia_runtime_gpu_pci_ids"] == ["0x1b06"]
+    assert facts["nvidia_runtime_driver_loaded"] is True
+    assert facts["nvidia_runtime_is_wsl2"] is False
+    assert facts["nvidia_runtime_problems"] == []
+    plan = facts["nvidia_runtime_driver_plan"]
+    assert (plan["generation"], plan["branch"], plan["open_modules"]) == ("pascal", "580", False)
+    assert plan["packages"] == ["nvidia-headless-580", "nvidia-utils-580"]
 
 
 def test_a_driver_without_compute_cap_is_asked_again(tmp_path):
@@ -87,12 +80,23 @@ def test_a_driver_without_compute_cap_is_asked_again(tmp_path):
         str(FIXTURES / "old-driver-nocc.csv"),
         rc_with_cc=2,
     )
-    raw = read(tmp_path, [smi], [])
-    assert raw["smi"][smi]["rc"] == 2
-    assert raw["smi"][smi]["nocc_stdout"] == (FIXTURES / "old-driver-nocc.csv").read_text()
-    facts = detect(raw, smi)
-    assert facts["gpu_present"]
-    assert any("compute_cap" in note for note in facts["notes"])
+    facts = module(tmp_path, nvidia_smi_path=smi)
+    assert facts["nvidia_runtime_gpu_present"]
+    assert facts["nvidia_runtime_gpu_compute_capability_source"] == "name table"
+    assert any("compute_cap" in note for note in facts["nvidia_runtime_notes"])
+
+
+def test_wsl2_without_libcuda_reports_the_windows_fix(tmp_path):
+    facts = module(
+        tmp_path,
+        osrelease_path=str(FIXTURES / "osrelease-wsl2.txt"),
+        gpu_present_override=True,
+        compute_capability_override="12.0",
+    )
+    assert facts["nvidia_runtime_is_wsl2"] is True
+    assert facts["nvidia_runtime_wsl_libcuda_present"] is False
+    [problem] = facts["nvidia_runtime_problems"]
+    assert problem.startswith(f"WSL2: {tmp_path / 'missing'} is missing") and "nvidia-smi.exe" in problem
 
 
 def test_container_marks_name_the_container(tmp_path):
@@ -101,9 +105,10 @@ def test_container_marks_name_the_container(tmp_path):
     docker_mark = tmp_path / "dockerenv"
     docker_mark.touch()
     missing = str(tmp_path / "missing")
-    raw = read(tmp_path, [], [], [[missing, "x"], [str(systemd_mark), None], [str(docker_mark), "docker"]])
-    assert raw["container"] == "podman"  # the first mark found; its text when it has no name
-    assert (
-        read(tmp_path / "b", [], [], [[missing, "x"], [str(docker_mark), "docker"]])["container"] == "docker"
+    first = module(
+        tmp_path, container_marks=[[missing, "x"], [str(systemd_mark), None], [str(docker_mark), "docker"]]
     )
-    assert read(tmp_path / "c", [], [], [[missing, "x"]])["container"] == ""
+    assert first["nvidia_runtime_container"] == "podman"  # the first mark found; its text when it has no name
+    second = module(tmp_path, container_marks=[[missing, "x"], [str(docker_mark), "docker"]])
+    assert second["nvidia_runtime_container"] == "docker"
+    assert module(tmp_path, container_marks=[[missing, "x"]])["nvidia_runtime_in_container"] is False

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOKS = ["site.yml", "playbooks/diagnose.yml"]
@@ -36,7 +37,7 @@ def test_production_plays_target_the_right_hosts():
     plays = result.stdout.split("play #")[1:]
     hosts = [set(line.strip() for line in play.splitlines()[3:] if line.strip()) for play in plays]
     # nvidia, moshi, engine, bridge
-    assert hosts == [{"gpu01", "wsl2pc"}, {"gpu01", "wsl2pc"}, {"gpu01"}, {"gpu01"}]
+    assert hosts == [{"gpu01", "wsl2pc"}, {"gpu01", "wsl2pc"}, {"gpu01", "wsl2pc"}, {"gpu01"}]
 
 
 def test_tags_select_one_concern():
@@ -59,3 +60,19 @@ def test_engine_tag_selects_the_engine_on_gpu01():
         listed = ansible_playbook("-i", "inventory/production", playbook, "--list-hosts", "--tags", "engine")
         assert listed.returncode == 0, listed.stderr
         assert "play #2 (voice_engines)" in listed.stdout
+
+
+def test_the_bridge_pool_is_the_wsl2_pcs_personaplex_engine():
+    """Production: neither Kyutai server is in the pool (both disabled); the WSL2 PC's chat module is."""
+    from moshi_backends import engine_chat_urls, moshi_backend_urls
+
+    hostvars = {
+        host: yaml.safe_load((ROOT / "inventory/production/host_vars" / f"{host}.yml").read_text())
+        for host in ("gpu01", "wsl2pc")
+    }
+    assert moshi_backend_urls(["gpu01", "wsl2pc"], hostvars, "gpu01") == []
+    assert engine_chat_urls(["gpu01", "wsl2pc"], hostvars, "gpu01") == ["ws://192.168.0.50:8080/api/chat"]
+    # On the engine's own host the bridge would use loopback; voice_engine_address wins over ansible_host.
+    assert engine_chat_urls(["wsl2pc"], hostvars, "wsl2pc") == ["ws://127.0.0.1:8080/api/chat"]
+    hostvars["wsl2pc"]["voice_engine_address"] = "wsl2pc.lan"
+    assert engine_chat_urls(["wsl2pc"], hostvars, "gpu01") == ["ws://wsl2pc.lan:8080/api/chat"]

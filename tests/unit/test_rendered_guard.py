@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from moshi_tools.bench import parse_env_file
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "roles" / "moshi_server"
@@ -76,13 +77,9 @@ def render(
 
 
 def env_assignments(text: str) -> dict[str, str]:
-    pairs = {}
-    for line in text.splitlines():
-        if line.strip() and not line.lstrip().startswith(("#", ";")):
-            key, sep, value = line.partition("=")
-            assert sep, f"not KEY=VALUE in the env file: {line!r}"
-            pairs[key.strip()] = value.strip()
-    return pairs
+    """The env file as systemd reads it: the project's one parser (moshi_tools.bench, the bench's
+    --env-file), which refuses any line that is not KEY=VALUE."""
+    return parse_env_file(text, "the rendered env file")
 
 
 def unit_settings(text: str) -> list[tuple[str, str]]:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from role_module import run_module
 from service_release import (
-    STATE_SCRIPT,
     FilterModule,
     service_release_fingerprint,
     service_release_id,
@@ -79,7 +77,7 @@ def test_rollback_target_is_the_newest_healthy_older_release():
     assert service_release_previous({"current": A, "releases": [rel(A)]}) is None
 
 
-def test_state_script_reads_a_release_tree(tmp_path):
+def test_state_module_reads_a_release_tree(tmp_path):
     files_by_release = (
         (A, {"FINGERPRINT": "f1\nk1 python3.11"}),  # the venv key on the second line
         (B, {"FINGERPRINT": "f2", "FAILED": "x"}),  # a release from before venv keys
@@ -97,11 +95,7 @@ def test_state_script_reads_a_release_tree(tmp_path):
         "stable": [str(tmp_path / name) for name in ("venv", "lib", "unit")],
         "obsolete": [str(tmp_path / name) for name in ("installed-wheel.sha256", "wheels")],
     }
-    out = subprocess.run(
-        [sys.executable, "-c", STATE_SCRIPT, str(tmp_path), json.dumps(paths)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    state = json.loads(out.stdout)
+    state = run_module("service_release", "service_release_state", {"root": str(tmp_path), **paths})["state"]
     assert state["current"] == A
     assert state["releases"] == [
         rel(A, "f1", venv_key="k1 python3.11"),

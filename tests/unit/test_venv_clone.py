@@ -1,4 +1,4 @@
-"""A seeded release venv (roles/service_release/files/venv_clone.py) on real venvs."""
+"""A seeded release venv (roles/service_release/library/venv_clone.py, run by ansible) on real venvs."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from venv_clone import main
+from role_module import run_module
 
-SCRIPT = Path(__file__).resolve().parents[2] / "roles" / "service_release" / "files" / "venv_clone.py"
+
+def clone(seed: Path, dest: Path, check: bool = True) -> dict:
+    return run_module("service_release", "venv_clone", {"seed": str(seed), "dest": str(dest)}, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +35,10 @@ def seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_clone_runs_from_its_own_path_with_fresh_bytecode(seed, tmp_path):
     dest = tmp_path / "B" / "venv"
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT.read_text(), str(seed), str(dest)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"cloned {seed} to {dest}")
-    assert "1 file(s) do not compile on this Python, as with pip" in result.stdout
+    result = clone(seed, dest)
+    assert result["changed"] is True
+    assert result["msg"].startswith(f"cloned {seed} to {dest}")
+    assert "1 file(s) do not compile on this Python, as with pip" in result["msg"]
     # The console script and the module both resolve inside the clone, not the seed.
     out = subprocess.run([str(dest / "bin" / "hello")], capture_output=True, text=True, check=True).stdout
     assert out.strip().startswith(str(dest))
@@ -55,14 +52,19 @@ def test_clone_runs_from_its_own_path_with_fresh_bytecode(seed, tmp_path):
     assert (seed / "bin" / "hello").read_text().startswith(f"#!{seed}/bin/python")
 
 
-def test_refusals_are_one_line_and_leave_nothing_behind(seed, tmp_path, capsys):
-    assert main([str(tmp_path / "missing"), str(tmp_path / "dest")]) == 1
-    assert "is not a venv" in capsys.readouterr().err
+def test_refusals_are_one_line_and_leave_nothing_behind(seed, tmp_path):
+    missing = clone(tmp_path / "missing", tmp_path / "dest", check=False)
+    assert missing["failed"] and "is not a venv" in missing["msg"]
     assert not (tmp_path / "dest").exists()
     taken = tmp_path / "taken"
     taken.mkdir()
-    assert main([str(seed), str(taken)]) == 1
-    assert "already exists" in capsys.readouterr().err
+    refused = clone(seed, taken, check=False)
+    assert refused["failed"] and "already exists" in refused["msg"]
     assert list(taken.iterdir()) == []
-    assert main([str(seed)]) == 2
-    assert "usage:" in capsys.readouterr().err
+
+
+def test_a_venv_already_in_place_is_left_alone(seed, tmp_path):
+    dest = tmp_path / "B" / "venv"
+    assert clone(seed, dest)["changed"] is True
+    again = clone(seed, dest)
+    assert (again["changed"], again["msg"]) == (False, f"{dest} is a venv already")

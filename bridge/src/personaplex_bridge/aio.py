@@ -14,7 +14,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 (Ubuntu 22.04)
     from async_timeout import timeout
 
-__all__ = ["cancel_and_wait", "timeout", "ws_close_timeout"]
+__all__ = ["cancel_and_wait", "timeout", "uncancel", "ws_close_timeout"]
 
 
 def ws_close_timeout(seconds: float) -> dict[str, Any]:
@@ -43,3 +43,11 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[object] | None], grace_s:
     for task in present:
         if task.done() and not task.cancelled():
             task.exception()
+
+
+def uncancel() -> None:
+    """Forget a cancellation this task has handled itself (a watchdog's), on Pythons that count them."""
+    if sys.version_info >= (3, 11):
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()

@@ -28,6 +28,7 @@ import os
 import platform
 import random
 import socket
+import statistics
 import struct
 import sys
 import time
@@ -50,11 +51,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _percentile(sorted_values: Sequence[float], q: float) -> float:
-    if not sorted_values:
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0 < q < 1, in hundredths) of ``values``, by ``statistics.quantiles``
+    (inclusive method); NaN when empty."""
+    if not values:
         return math.nan
-    index = max(0, math.ceil(q * len(sorted_values)) - 1)
-    return sorted_values[index]
+    if len(values) == 1:
+        return float(values[0])
+    cut = min(99, max(1, round(q * 100)))
+    return statistics.quantiles(values, n=100, method="inclusive")[cut - 1]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -168,7 +173,7 @@ class PhaseResult:
     other_load: float = math.nan  # share of the bridge's CPU used by other processes during the window
 
     def p(self, q: float) -> float:
-        return _percentile(self.rtts_ms, q)
+        return percentile(self.rtts_ms, q)
 
     @staticmethod
     def pool(results: Sequence[PhaseResult]) -> PhaseResult:

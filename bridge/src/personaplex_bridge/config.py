@@ -14,6 +14,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
+from . import prompts
+from .prompts import ReplyVoice
+
 
 class ConfigError(ValueError):
     """A setting is missing or invalid. ``str()`` is one line naming the variable."""
@@ -31,6 +34,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8999
     moshi_urls: tuple[str, ...] = ()
+    moshi_key: str | None = None
     mas_health_url: str | None = None
     mas_timeout_s: float = 15.0
     mas_backoff_s: float = 1.0
@@ -72,6 +76,9 @@ class Settings:
     moshi_connect_timeout_s: float = 10.0
     moshi_stall_s: float = 15.0
     utterance_gap_s: float = 0.8
+    voice_prompt: str | None = None
+    text_prompt: str | None = None
+    reply_voice: ReplyVoice = "tts"
     log_level: str = "info"
 
     @property
@@ -94,7 +101,7 @@ class Settings:
         return out
 
 
-_SECRETS = frozenset({"token", "tts_key", "asr_key"})
+_SECRETS = frozenset({"token", "tts_key", "asr_key", "moshi_key"})
 
 # The MAS contract's field names, as the bridge calls them; BRIDGE_MAS_REQUEST_FIELDS and
 # BRIDGE_MAS_REPLY_FIELDS map each to the MAS's own name (or dotted path). The defaults are the identity.
@@ -265,6 +272,14 @@ def mas_field_paths(names: tuple[str, ...], pairs: tuple[tuple[str, str], ...]) 
     return dict(_merged(names, dict(pairs)))
 
 
+def _optional(parse: Callable[[str], str]) -> Callable[[str], str | None]:
+    def inner(raw: str) -> str | None:
+        value = raw.strip()
+        return parse(value) if value else None
+
+    return inner
+
+
 def _log_level(raw: str) -> str:
     value = raw.strip().lower()
     if value not in _LOG_LEVELS:
@@ -294,6 +309,9 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("host", _str, "address to listen on"),
     _Option("port", _int_range(1, 65535), "port to listen on"),
     _Option("moshi_urls", _url_list, "comma-separated Moshi websocket URLs (ws://host:8998/api/chat)"),
+    _Option(
+        "moshi_key", _optional_str, "key of the engines' chat modules, sent as the kyutai-api-key header"
+    ),
     _Option("mas_url", _url(_HTTP), "full URL of the MAS chat endpoint (required)"),
     _Option("mas_health_url", _optional_url(_HTTP), "optional MAS health URL, probed with GET (2xx = up)"),
     _Option("mas_timeout_s", _positive_float, "timeout of one MAS call"),
@@ -354,6 +372,17 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("moshi_connect_timeout_s", _positive_float, "longest wait for a Moshi connection and handshake"),
     _Option("moshi_stall_s", _positive_float, "degrade a voice session when Moshi answers nothing this long"),
     _Option("utterance_gap_s", _positive_float, "Moshi silence that ends an utterance (duplex_moshi_to_mas)"),
+    _Option(
+        "voice_prompt",
+        _optional(prompts.voice_name),
+        "PersonaPlex voice file for chat backends (e.g. NATF2.pt); empty: the engine's default",
+    ),
+    _Option(
+        "text_prompt",
+        _optional(prompts.text_prompt),
+        "PersonaPlex text (role) prompt for chat backends; empty: the engine's default",
+    ),
+    _Option("reply_voice", prompts.reply_voice, "agent voice: who speaks MAS's replies, tts or chat"),
     _Option("log_level", _log_level, "debug, info, warning or error"),
 )
 

@@ -39,6 +39,16 @@ DECLARED: dict[str, tuple[str, str, str | None]] = {
     "bridge_asr_messages_total": ("counter", "Messages received from the STT.", "kind"),
     "bridge_voice_turns_total": ("counter", "Ends of spoken user turns: sent to MAS, or empty.", "outcome"),
     "bridge_turn_flush_seconds": ("summary", "From a detected end of turn to the STT's flush Marker.", None),
+    "bridge_chat_voice_sessions_total": (
+        "counter",
+        "Chat reply voice connections of agent voice sessions: ready, or why the TTS speaks instead.",
+        "outcome",
+    ),
+    "bridge_reply_voice_fallback_total": (
+        "counter",
+        "Replies or sessions of the chat reply voice spoken by the TTS instead, by reason.",
+        "reason",
+    ),
     "bridge_barge_in_total": ("counter", "Spoken replies stopped because the user spoke.", None),
     "bridge_barge_in_seconds": (
         "summary",

@@ -11,9 +11,14 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from . import prompts
+from .prompts import ReplyVoice
+
 KIND_HANDSHAKE = 0x00
 KIND_AUDIO = 0x01
 KIND_TEXT = 0x02
+KIND_METADATA = 0x04  # our engine's say channel: JSON metadata (say_start, say_word, say_end, cancel)
+KIND_ERROR = 0x05  # our engine: an error message about the client's last frame
 
 BackendState = Literal["up", "down"]
 # MAS: "unknown" until the first call or health probe has an outcome.
@@ -75,6 +80,10 @@ class TextTurn:
 @dataclass(frozen=True)
 class VoiceStart:
     mode: VoiceMode | None = None  # None: the default (agent when an STT is configured, else duplex)
+    # None: the setting (BRIDGE_VOICE_PROMPT, BRIDGE_TEXT_PROMPT, BRIDGE_REPLY_VOICE)
+    voice_prompt: str | None = None
+    text_prompt: str | None = None
+    reply_voice: ReplyVoice | None = None
 
 
 @dataclass(frozen=True)
@@ -104,20 +113,42 @@ def parse_client_text(data: str, max_text_chars: int) -> ClientMessage:
             raise ProtocolError(E_BAD_MESSAGE, f"'text' is longer than {max_text_chars} characters")
         return TextTurn(text)
     if kind == "voice_start":
-        mode = obj.get("mode")
-        if mode is None:
-            return VoiceStart()
-        if mode == "agent":
-            return VoiceStart("agent")
-        if mode == "duplex":
-            return VoiceStart("duplex")
-        raise ProtocolError(E_BAD_MESSAGE, '\'mode\' must be "agent" or "duplex"')
+        return _voice_start(obj)
     if kind == "voice_stop":
         return VoiceStop()
     shown = kind if isinstance(kind, str) and len(kind) <= 40 else type(kind).__name__
     raise ProtocolError(
         E_UNKNOWN_TYPE, f"unknown message type {shown!r}; expected one of {', '.join(CLIENT_TYPES)}"
     )
+
+
+def _voice_start(obj: dict[str, Any]) -> VoiceStart:
+    mode = obj.get("mode")
+    if mode is not None and mode not in VOICE_MODES:
+        raise ProtocolError(E_BAD_MESSAGE, '\'mode\' must be "agent" or "duplex"')
+    checks = {"voice_prompt": prompts.voice_name, "text_prompt": prompts.text_prompt}
+    values: dict[str, str | None] = {}
+    for key, check in checks.items():
+        raw = obj.get(key)
+        if raw is None:
+            values[key] = None
+            continue
+        if not isinstance(raw, str):
+            raise ProtocolError(E_BAD_MESSAGE, f"voice_start: '{key}' must be a string")
+        try:
+            values[key] = check(raw)
+        except ValueError as exc:
+            raise ProtocolError(E_BAD_MESSAGE, f"voice_start: '{key}' {exc}") from None
+    raw_reply = obj.get("reply_voice")
+    reply: ReplyVoice | None = None
+    if raw_reply is not None:
+        if not isinstance(raw_reply, str):
+            raise ProtocolError(E_BAD_MESSAGE, 'voice_start: \'reply_voice\' must be "tts" or "chat"')
+        try:
+            reply = prompts.reply_voice(raw_reply)
+        except ValueError as exc:
+            raise ProtocolError(E_BAD_MESSAGE, f"voice_start: 'reply_voice' {exc}") from None
+    return VoiceStart(mode, values["voice_prompt"], values["text_prompt"], reply)
 
 
 def dumps(event: dict[str, Any]) -> str:
@@ -162,8 +193,8 @@ def tts_skipped(reason: str, message: str) -> dict[str, Any]:
     return {"type": "tts_skipped", "reason": reason, "message": message}
 
 
-def voice_ready(backend: str, mode: VoiceMode) -> dict[str, Any]:
-    return {"type": "voice_ready", "backend": backend, "mode": mode}
+def voice_ready(backend: str, mode: VoiceMode, **extra: Any) -> dict[str, Any]:
+    return {"type": "voice_ready", "backend": backend, "mode": mode, **extra}
 
 
 def voice_unavailable(reason: str, message: str) -> dict[str, Any]:
@@ -188,3 +219,15 @@ def transcript(text: str, final: bool) -> dict[str, Any]:
 
 def tts_interrupted(reason: str) -> dict[str, Any]:
     return {"type": "tts_interrupted", "reason": reason}
+
+
+def reply_voice_fallback(reason: str, message: str, scope: Literal["session", "reply"]) -> dict[str, Any]:
+    """Agent voice with ``reply_voice`` chat: replies are spoken by the TTS instead (``scope``: for the
+    rest of the voice session, or for this one reply)."""
+    return {"type": "reply_voice_fallback", "voice": "tts", "reason": reason, "message": message,
+            "scope": scope}  # fmt: skip
+
+
+def reply_spoken(text: str, reason: str) -> dict[str, Any]:
+    """Agent voice with the chat reply voice: the words of a reply the chat model actually spoke."""
+    return {"type": "reply_spoken", "voice": "chat", "text": text, "reason": reason}

@@ -1,5 +1,5 @@
 """``voice-engine``: serve the configured modules (``serve``), make tiny model sets (``tiny-model``), measure
-(``bench``)."""
+(``bench``), measure the say channel (``selftest --say``: in this process, or through a running engine)."""
 
 from __future__ import annotations
 
@@ -47,10 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=_serve)
     from .bench import add_cli as add_bench  # noqa: PLC0415
+    from .selftest import add_cli as add_selftest  # noqa: PLC0415
     from .tiny import add_cli as add_tiny  # noqa: PLC0415
 
     add_tiny(sub)
     add_bench(sub)
+    add_selftest(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(getattr(args, "log_level", "INFO")).upper(), logging.INFO),

@@ -95,6 +95,10 @@ class BatchLoop(Generic[InT, OutT]):
 
     ``take_all``: frame modules (ASR) take one inbox item per step; streaming ones (TTS) take the whole
     inbox at each step (every word that arrived since the last one).
+
+    ``gather_s``: how long a step may wait, once some slot has work, for every slot to have work (0: step
+    at once). A step costs the same whatever the number of slots with work, so with clients at random
+    phases, stepping at once runs more (partial) steps than frames; waiting gives one full step per frame.
     """
 
     def __init__(
@@ -104,8 +108,10 @@ class BatchLoop(Generic[InT, OutT]):
         *,
         take_all: bool = False,
         out_queue_max: int = 256,
+        gather_s: float = 0.0,
     ) -> None:
         self.name = name
+        self.gather_s = gather_s
         self.stepper = stepper
         self.take_all = take_all
         self.out_queue_max = out_queue_max
@@ -176,9 +182,31 @@ class BatchLoop(Generic[InT, OutT]):
                 inputs[slot] = []
         return inputs
 
+    def _ready(self) -> tuple[bool, bool]:
+        """(some slot has work, every slot has work)."""
+        ready = [
+            bool(lease.inbox) or lease.continuous
+            for lease in self._leases.values()
+            if not lease.closed_reason
+        ]
+        return any(ready) or bool(self._resets), all(ready)
+
+    async def _wait_for_all(self) -> None:
+        deadline = time.monotonic() + self.gather_s
+        while True:
+            self._wake.clear()  # before looking: a frame that arrives after the look wakes the wait
+            some, every = self._ready()
+            left = deadline - time.monotonic()
+            if not some or every or left <= 0:
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), left)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if self.gather_s > 0:
+                await self._wait_for_all()
             inputs = self._gather()
             if not inputs and not self._resets:
                 self._wake.clear()

@@ -18,6 +18,9 @@ p99 stays under the 80 ms frame.
 
 Both with the full-size Mimi. ``--size tiny`` uses the tiny test sets (a smoke test of the command,
 meaningless figures). Random weights make the words noise: the figures are speed and memory only.
+
+``--kind chat`` (PersonaPlex conversations through the real server, websocket clients, ``--write-set``
+of the 7B set, ``--stepper``) is in ``bench_chat.py``.
 """
 
 from __future__ import annotations
@@ -298,6 +301,19 @@ def _percentile(values: list[float], q: int) -> float:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    precisions = args.precision.split(",")
+    allowed = ("bf16", "fp16", "fp32", "q8", "nf4") if args.kind == "chat" else ("bf16", "fp16", "fp32")
+    if not all(p in allowed for p in precisions) or (args.kind != "chat" and len(precisions) != 1):
+        print(
+            f"voice-engine bench: FAILED: --precision {args.precision}: --kind {args.kind} takes "
+            f"{'a comma-separated list of ' if args.kind == 'chat' else 'one of '}{', '.join(allowed)}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.kind == "chat":
+        from .bench_chat import run as run_chat
+
+        return run_chat(args)
     if args.write_set:
         print(write_full_set(args.kind, Path(args.write_set), args.precision))
         return 0
@@ -373,10 +389,14 @@ def run(args: argparse.Namespace) -> int:
 
 def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser("bench", help="streams per module in real time (prints figures)")
-    bench.add_argument("--kind", required=True, choices=["stt", "tts"])
+    bench.add_argument("--kind", required=True, choices=["stt", "tts", "chat"])
     bench.add_argument("--size", default="full", choices=["full", "tiny"])
     bench.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    bench.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    bench.add_argument(
+        "--precision",
+        default="bf16",
+        help="bf16, fp16 or fp32; chat: also q8 and nf4, and a comma-separated list (each in turn)",
+    )
     bench.add_argument("--slots", default="1,8,32,64,128,256")
     bench.add_argument("--steps", type=int, default=50)
     bench.add_argument(
@@ -386,11 +406,34 @@ def add_cli(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="untimed steps first (TTS: past its audio delay, so that every CUDA graph is captured)",
     )
     bench.add_argument("--stop-when-late", action="store_true")
+    chat = bench.add_argument_group("chat (through the real server: voice_engine/bench_chat.py)")
+    chat.add_argument("--model-dir", default="", help="a chat model set (default: --size tiny or a full one)")
+    chat.add_argument("--seconds", type=float, default=8.0, help="real-time streaming per client and level")
+    chat.add_argument("--timeout-s", type=float, default=600.0, help="each level's engine start and clients")
+    chat.add_argument("--budget-s", type=float, default=0.0, help="skip the levels left after this long")
+    chat.add_argument(
+        "--stepper",
+        action="store_true",
+        help="time the ChatStepper in this process instead (--steps after --warmup; no server)",
+    )
+    chat.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=0.0,
+        help="the chat module's batch_wait_ms option (0: its default)",
+    )
+    chat.add_argument(
+        "--opus-workers",
+        type=int,
+        default=-1,
+        help="the chat module's opus_workers option (-1: its default, one per 8 slots)",
+    )
     bench.add_argument("--json", default="")
     bench.add_argument(
         "--write-set",
         default="",
         metavar="DIR",
-        help="instead: write a full-size random model directory of --kind (scripts/bench_agent_latency.py)",
+        help="instead: write a full-size random model directory of --kind (stt, tts: "
+        "scripts/bench_agent_latency.py; chat: the PersonaPlex-shaped 7B set)",
     )
     bench.set_defaults(func=run)

@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Any
 
 KINDS = ("asr", "tts", "chat")
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("bf16", "fp16", "fp32", "q8", "nf4")
+# q8 (moshi's int8) and nf4 (bitsandbytes 4-bit, experimental) quantise the chat module's LM only.
+QUANTIZED_KINDS = ("chat",)
+EXPERIMENTAL_PRECISIONS = ("nf4",)
 DEVICES = ("cpu", "cuda")
 DEFAULT_PORT = 8080
 
@@ -87,6 +90,11 @@ def _module(name: str, raw: Any) -> ModuleConfig:
     precision = _get(raw, "precision", str, where, "fp32")
     if precision not in PRECISIONS:
         raise ConfigError(f"{where}.precision: '{precision}' is not one of {', '.join(PRECISIONS)}")
+    if precision in ("q8", "nf4") and kind not in QUANTIZED_KINDS:
+        raise ConfigError(
+            f"{where}.precision: '{precision}' is for the chat module only; a {kind} module takes "
+            "bf16, fp16 or fp32"
+        )
     device = _get(raw, "device", str, where, "cpu")
     if device not in DEVICES:
         raise ConfigError(f"{where}.device: '{device}' is not one of {', '.join(DEVICES)}")

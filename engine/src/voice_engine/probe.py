@@ -1,15 +1,18 @@
 """``python -m voice_engine.probe``: check a running engine through its real protocols, as a client would.
 
     python -m voice_engine.probe --config /etc/voice-engine/voice-engine.json [--voice NAME] [--json]
-    python -m voice_engine.probe --url http://127.0.0.1:8080 --key public_token --asr --tts
+    python -m voice_engine.probe --url http://127.0.0.1:8080 --key public_token --asr --tts --chat
 
 ``GET /healthz`` must answer 200; then, for each module kind served (read from the configuration, or
-chosen with ``--asr`` / ``--tts``):
+chosen with ``--asr`` / ``--tts`` / ``--chat``):
 
 - ``asr``: a websocket session on ``/api/asr-streaming`` gets ``Ready``, then ``Step`` messages for the
   audio sent (``--seconds`` of a tone, in 80 ms frames), and the ``Marker`` sent after the audio;
 - ``tts``: a session on ``/api/tts_streaming`` (``format=PcmMessagePack``) gets ``Ready``, then audio
-  for the text sent, and the server closes after ``Eos``.
+  for the text sent, and the server closes after ``Eos``;
+- ``chat``: a session on ``/api/chat`` (Moshi's protocol; ``--chat-voice NAME`` and ``--chat-text`` as
+  PersonaPlex's ``voice_prompt`` / ``text_prompt``, else the module's defaults) gets the ``0x00``
+  handshake after its prefill, then ``0x01`` Ogg/Opus audio for the ``--seconds`` of Opus sent.
 
 Prints one JSON object (``--json``) or one line per check; exits 0 when everything answered, 1 otherwise,
 2 on a bad argument or configuration. Used by the ``voice_engine`` role's health gate and its Molecule test.
@@ -22,11 +25,14 @@ import asyncio
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgpack
+import numpy as np
+import sphn
 
 from .config import ConfigError, load
 
@@ -34,6 +40,7 @@ FRAME = 1920  # samples per 80 ms at 24 kHz
 SAMPLE_RATE = 24000
 ASR_ROUTE = "/api/asr-streaming"
 TTS_ROUTE = "/api/tts_streaming"
+CHAT_ROUTE = "/api/chat"
 
 
 def _tone(seconds: float) -> list[float]:
@@ -63,10 +70,11 @@ async def _ready(ws: aiohttp.ClientWebSocketResponse, timeout: float) -> None:
 
 
 async def probe_asr(
-    session: aiohttp.ClientSession, base: str, key: str, seconds: float, timeout: float
+    session: aiohttp.ClientSession, base: str, key: str, pcm: Sequence[float], timeout: float
 ) -> dict[str, Any]:
+    """One STT session for ``pcm`` (24 kHz floats): its Step and Word counts, and ``text``, the words."""
     result: dict[str, Any] = {"ready": False, "frames_sent": 0, "steps": 0, "words": 0, "marker": False}
-    pcm = _tone(seconds)
+    words: list[str] = []
     async with session.ws_connect(base + ASR_ROUTE, headers={"kyutai-api-key": key}) as ws:
         await _ready(ws, timeout)
         result["ready"] = True
@@ -91,10 +99,12 @@ async def probe_asr(
                 result["steps"] += 1
             elif kind == "Word":
                 result["words"] += 1
+                words.append(str(message.get("text", "")))
             elif kind == "Marker":
                 result["marker"] = message.get("id") == 7
             elif kind == "Error":
                 raise ValueError(f"Error from the server: {message.get('message')}")
+    result["text"] = " ".join(words)
     return result
 
 
@@ -125,8 +135,58 @@ async def probe_tts(
     return result
 
 
+async def probe_chat(
+    session: aiohttp.ClientSession,
+    base: str,
+    key: str,
+    seconds: float,
+    prompts: dict[str, str],
+    timeout: float,
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"handshake": False, "frames_sent": 0, "audio_messages": 0, "text_pieces": 0}
+    writer = sphn.OpusStreamWriter(SAMPLE_RATE)
+    params = {k: v for k, v in prompts.items() if v}
+    async with session.ws_connect(base + CHAT_ROUTE, params=params, headers={"kyutai-api-key": key}) as ws:
+        first = await ws.receive(timeout=timeout)
+        if first.type != aiohttp.WSMsgType.BINARY or first.data[:1] != b"\x00":
+            data = first.data if isinstance(first.data, bytes) else b""
+            raise ValueError(f"the first message is {first.type.name} {data[:16]!r}, not the 0x00 handshake")
+        result["handshake"] = True
+        pcm = np.asarray(_tone(seconds), dtype=np.float32)
+        for start in range(0, len(pcm), FRAME):
+            page = writer.append_pcm(pcm[start : start + FRAME])
+            if page:
+                await ws.send_bytes(b"\x01" + page)
+            result["frames_sent"] += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Audio for half the frames sent (Opus pages lag their frames): enough to show the model runs.
+        while result["audio_messages"] < max(1, result["frames_sent"] // 2):
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError(f"{result['audio_messages']} audio messages within {timeout} s")
+            msg = await ws.receive(timeout=left)
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                raise ValueError(f"the server sent a {msg.type.name} frame after the handshake")
+            kind = msg.data[:1]
+            if kind == b"\x01":
+                result["audio_messages"] += 1
+            elif kind == b"\x02":
+                result["text_pieces"] += 1
+            elif kind == b"\x05":
+                raise ValueError(f"error from the server: {msg.data[1:].decode(errors='replace')}")
+    return result
+
+
 async def run(
-    base: str, key: str, kinds: list[str], seconds: float, text: str, voice: str, timeout: float
+    base: str,
+    key: str,
+    kinds: list[str],
+    seconds: float,
+    text: str,
+    voice: str,
+    timeout: float,
+    chat_prompts: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     report: dict[str, Any] = {"url": base, "ok": False}
     client_timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout)
@@ -142,8 +202,11 @@ async def run(
         for kind in kinds:
             try:
                 if kind == "asr":
-                    result = await probe_asr(session, base, key, seconds, timeout)
+                    result = await probe_asr(session, base, key, _tone(seconds), timeout)
                     good = result["steps"] > 0 and result["marker"]
+                elif kind == "chat":
+                    result = await probe_chat(session, base, key, seconds, chat_prompts or {}, timeout)
+                    good = result["handshake"] and result["audio_messages"] > 0
                 else:
                     result = await probe_tts(session, base, key, text, voice, timeout)
                     good = result["samples"] > 0 and result["closed"]
@@ -169,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", default="public_token", help="kyutai-api-key (with --url)")
     parser.add_argument("--asr", action="store_true", help="check the asr route (with --url)")
     parser.add_argument("--tts", action="store_true", help="check the tts route (with --url)")
+    parser.add_argument("--chat", action="store_true", help="check the chat route (with --url)")
     parser.add_argument("--voice", default="", help="TTS voice name (default: the engine's default voice)")
+    parser.add_argument("--chat-voice", default="", help="chat voice_prompt (default: the module's default)")
+    parser.add_argument("--chat-text", default="", help="chat text_prompt (default: the module's default)")
     parser.add_argument("--seconds", type=float, default=1.0, help="audio sent to the asr module")
     parser.add_argument("--text", default="hello from the probe", help="text sent to the tts module")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds any one wait may take")
@@ -186,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     else:
         base, key = args.url.rstrip("/"), args.key
-        kinds = [k for k, wanted in (("asr", args.asr), ("tts", args.tts)) if wanted]
-    report = asyncio.run(run(base, key, kinds, args.seconds, args.text, args.voice, args.timeout))
+        kinds = [k for k, wanted in (("asr", args.asr), ("tts", args.tts), ("chat", args.chat)) if wanted]
+    prompts = {"voice_prompt": args.chat_voice, "text_prompt": args.chat_text}
+    report = asyncio.run(run(base, key, kinds, args.seconds, args.text, args.voice, args.timeout, prompts))
     if args.json:
         print(json.dumps(report))
     else:

@@ -108,7 +108,14 @@ def test_config_holds_the_inventory_modules_and_is_not_world_readable(host):
         "device": "cpu",
     }
     assert cfg["modules"]["tts"]["voices_dir"] == "/opt/voice-engine/models/voices"
+    chat = cfg["modules"]["chat"]
+    assert (chat["model_dir"], chat["voices_dir"]) == (
+        "/opt/voice-engine/models/personaplex",
+        "/opt/voice-engine/models/personaplex_voices",
+    )
+    assert chat["options"] == {"flavor": "personaplex", "default_voice": "NATF2.pt"}
     assert host.file("/opt/voice-engine/models/stt/config.json").is_file
+    assert host.file("/opt/voice-engine/models/personaplex_voices/NATF2.pt").is_file
 
 
 def test_healthz_status_and_metrics_answer(host):
@@ -116,7 +123,7 @@ def test_healthz_status_and_metrics_answer(host):
     code, body = http_get(host, "/status")
     assert code == 200
     modules = json.loads(body)["modules"]
-    assert set(modules) == {"asr", "tts"}
+    assert set(modules) == {"asr", "tts", "chat"}
     for name, entry in modules.items():
         # What the inventory chose, as the engine runs it.
         assert (entry["kind"], entry["precision"], entry["device"]) == (name, "fp32", "cpu")
@@ -127,10 +134,13 @@ def test_healthz_status_and_metrics_answer(host):
     assert "# TYPE" in body
 
 
-def test_stt_and_tts_sessions_over_websockets(host):
+def test_stt_tts_and_chat_sessions_over_websockets(host):
     report = probe(host, "--config", CONFIG, "--seconds", "2")
     assert report["healthz"] == 200
-    asr, tts = report["asr"], report["tts"]
+    asr, tts, chat = report["asr"], report["tts"], report["chat"]
+    # chat: the default voice's (NATF2.pt) prefill, the handshake, then Opus audio for the Opus sent.
+    assert chat["handshake"], chat
+    assert chat["audio_messages"] >= chat["frames_sent"] // 2, chat
     assert asr["ready"], asr
     assert asr["frames_sent"] == 25
     # One Step per 80 ms frame processed: at least the frames sent before the Marker came back.

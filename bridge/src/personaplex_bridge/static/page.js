@@ -275,8 +275,15 @@ const handlers = {
   voice_ready(event) {
     counters.voice = event.mode;
     updateVoiceButtons();
-    log(`voice_ready (${event.mode}): ${event.backend}`);
+    const replies = event.reply_voice ? `, replies by ${event.reply_voice}` : "";
+    log(`voice_ready (${event.mode}): ${event.backend}${replies}`);
     mic.beginStream((page) => sendAudio(page));
+  },
+  reply_voice_fallback(event) {
+    log(`reply voice: the TTS speaks (${event.scope}, ${event.reason}): ${event.message}`);
+  },
+  reply_spoken(event) {
+    log(`reply_spoken (${event.reason}): ${event.text}`);
   },
   voice_unavailable(event) {
     showError(`voice unavailable (${event.reason}): ${event.message}`);

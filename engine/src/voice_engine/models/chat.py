@@ -20,6 +20,14 @@ forced in place (``on_text_hook`` / ``on_audio_hook``), a ``.pt`` voice replays 
 (a pre-hook on the LM's transformer replaces that row's input) and restores its token cache. The other
 slots' rows are computed exactly as without it: per row, a conversation's output depends only on its
 own audio, prompts and seed (bit-identical on the CPU in fp32; tested).
+
+The "say this" channel (``models/say.py``) forces a reply's words into a slot's text stream through the
+same two hooks: a :class:`~.say.SaySlot` per slot decides, before each step, whether the slot's text
+token is forced (``on_text_hook``, the prefill's path) or sampled among a few allowed tokens (the
+other logits set to -inf in ``on_text_logits_hook``, before the per-slot sampler). Commands from the
+session (:meth:`ChatStepper.say`) reach the stepper thread through a locked inbox, tagged with the
+session's :class:`ChatParams` so that a command never outlives its session. Rows of slots with nothing
+to say are not touched: their output stays bit-identical.
 """
 
 from __future__ import annotations
@@ -34,9 +42,11 @@ from typing import Any
 import numpy as np
 import torch
 from moshi.models import loaders
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from . import loading
+from . import loading, quantize
+from . import say as say_channel
 from .chat_prompt import (
     REAL_SILENCE_TOKENS,
     REAL_SINE_TOKENS,
@@ -53,6 +63,10 @@ PAD_ID = 3
 EPAD_ID = 0
 FLAVORS = ("moshi", "personaplex")
 
+# Per-step attention projections stacked along dim 0 (steps in order), with q8's scales.
+_STACKED = re.compile(
+    r"^depformer\.layers\.\d+\.self_attn\.(?:in_proj_weight|in_proj\.weight|out_proj\.weight)(?:_scb)?$"
+)
 _PER_STEP = (
     (re.compile(r"^depformer_in\.(\d+)\."), 0),
     (re.compile(r"^linears\.(\d+)\."), 0),
@@ -65,6 +79,7 @@ _PER_STEP = (
 class ChatParams:
     sampling: SamplingParams
     prefill: Prefill | None = None
+    say: say_channel.SayConfig | None = None  # None: no say channel (today's behaviour)
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,16 @@ class ChatOutput:
     text: str | None = None  # the step's text piece, "▁" turned into a space; None for PAD/EPAD
     ready: bool = False  # the prefill is done: the conversation may start (handshake)
     prefill_steps: int = 0
+    events: tuple[dict[str, Any], ...] = ()  # say_start / say_word / say_end, in order
+
+
+def _agent_steps(key: str, value: torch.Tensor, dep_q: int, config_dep_q: int) -> torch.Tensor:
+    """A depformer attention projection stacked over every step (the released checkpoints' layout,
+    which moshi's load hook splits into ``dep_q`` equal parts), cut to the agent's first ``dep_q`` steps."""
+    if dep_q == config_dep_q or not _STACKED.match(key):
+        return value
+    rest = value.shape[1:]
+    return value.reshape(config_dep_q, -1, *rest)[:dep_q].reshape(-1, *rest)
 
 
 def _keep(key: str, dep_q: int) -> bool:
@@ -85,14 +110,41 @@ def _keep(key: str, dep_q: int) -> bool:
     return True
 
 
-def load_chat_lm(model: loading.LocalModel, device: torch.device, dtype: torch.dtype) -> tuple[Any, int]:
+def builtin_7b_config(model: loading.LocalModel) -> dict[str, Any]:
+    """moshi's built-in 7B settings, for a model directory whose ``config.json`` names no architecture.
+
+    The ``dep_q`` is the checkpoint's own: the number of depformer steps its weights hold (Kyutai's
+    Moshi 8, PersonaPlex 16), so that loading stays strict.
+    """
+    weights = str(model.info.moshi_weights)
+    try:
+        with safe_open(weights, framework="pt") as handle:  # type: ignore[no-untyped-call]
+            keys = list(handle.keys())
+    except (OSError, ValueError) as exc:
+        raise loading.ModelDirError(f"{weights}: not a readable safetensors file ({exc})") from None
+    steps = {int(m.group(1)) for k in keys if (m := re.match(r"^depformer_in\.(\d+)\.", k))}
+    if not steps:
+        raise loading.ModelDirError(
+            f"{model.model_dir}/config.json names no architecture and {weights} has no depformer: "
+            "not a Moshi or PersonaPlex checkpoint"
+        )
+    return dict(loaders._lm_kwargs) | {"dep_q": max(steps) + 1}
+
+
+def load_chat_lm(
+    model: loading.LocalModel, device: torch.device, dtype: torch.dtype | str
+) -> tuple[Any, int]:
     """The LM with ``dep_q = n_q / 2`` (the agent's codebooks), and the ``dep_q`` its config says.
+
+    ``dtype`` is a float dtype or a precision name (``bf16`` ... ``q8``, ``nf4``: ``models/quantize.py``).
 
     A checkpoint whose depformer has more steps (PersonaPlex: 16) loads with the extra steps' weights
     left out; every other weight must match (strict loading).
     """
     # Our own key (the tiny sets' prefill codes) is not an LM argument.
-    config = {k: v for k, v in model.info.lm_config.items() if k != "personaplex"}
+    config = {k: v for k, v in (model.info.lm_config or {}).items() if k != "personaplex"}
+    if "dim" not in config:
+        config = builtin_7b_config(model)
     n_q, config_dep_q = int(config["n_q"]), int(config["dep_q"])
     if n_q % 2 or not n_q // 2 <= config_dep_q <= n_q:
         raise loading.ModelDirError(
@@ -103,19 +155,13 @@ def load_chat_lm(model: loading.LocalModel, device: torch.device, dtype: torch.d
     weights = model.info.moshi_weights
     if not str(weights).endswith((".safetensors", ".sft", ".sfts")):
         raise loading.ModelDirError(f"{model.model_dir}: {weights}: only safetensors weights are supported")
-    lm = loaders.get_moshi_lm(
-        None, lm_kwargs=config | {"dep_q": dep_q}, device=torch.device("meta"), dtype=dtype
-    )
-    state = {}
-    for key, value in load_file(str(weights), device=str(device)).items():
-        if not _keep(key, dep_q):
-            continue
-        state[key] = value.to(dtype) if value.dtype.is_floating_point else value
-    try:
-        lm.load_state_dict(state, assign=True, strict=True)
-    except RuntimeError as exc:
-        raise loading.ModelDirError(f"{weights}: does not fit config.json ({str(exc)[:300]})") from None
-    lm.eval()
+    precision = dtype if isinstance(dtype, str) else loading.precision_of(dtype)
+    state = {
+        key: _agent_steps(key, value, dep_q, config_dep_q)
+        for key, value in load_file(str(weights), device=quantize.state_device(precision, device)).items()
+        if _keep(key, dep_q)
+    }
+    lm = quantize.load_lm(config | {"dep_q": dep_q}, state, precision, device, source=str(weights))
     return lm, config_dep_q
 
 
@@ -163,6 +209,7 @@ class ChatStepper:
             lm,
             self.sampler,
             support_out_of_sync=True,
+            on_text_logits_hook=self._say_logits_hook,
             on_text_hook=self._force_text_hook,
             on_audio_hook=self._force_audio_hook,
         )
@@ -175,6 +222,14 @@ class ChatStepper:
         self._replay = torch.zeros(slots, 1, int(lm.dim), dtype=lm.dtype, device=device)
         lm.transformer.register_forward_pre_hook(self._replay_hook, with_kwargs=True)
         self._prefill: list[tuple[Prefill, int] | None] = [None] * slots
+        # The say channel: per-slot state, the session's commands, this step's logits masks.
+        self.say_tokens = say_channel.SayTokenizer(tokenizer)
+        self.say_inbox = say_channel.SayInbox(slots)
+        self._say: list[say_channel.SaySlot | None] = [None] * slots
+        self._say_owner: list[object | None] = [None] * slots
+        self._say_mask: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, allowed ids
+        self._say_seen: torch.Tensor | None = None
+        self._say_watch = False
         self._pcm = torch.zeros(slots, 1, FRAME_SIZE, dtype=torch.float32, device=device)
         self._user_codes = torch.zeros(slots, layout.n_user, 1, dtype=torch.long, device=device)
         with torch.no_grad():
@@ -201,7 +256,7 @@ class ChatStepper:
     ) -> ChatStepper:
         model = loading.open_model_dir(model_dir)
         dev = loading.device_of(device)
-        lm, config_dep_q = load_chat_lm(model, dev, loading.dtype_of(precision))
+        lm, config_dep_q = load_chat_lm(model, dev, precision)
         if flavor is None:
             flavor = "personaplex" if config_dep_q == lm.n_q or "personaplex" in model.config else "moshi"
         mimi = cls.load_mimi(model, dev, int(lm.dep_q))
@@ -239,6 +294,18 @@ class ChatStepper:
     def _force_text_hook(self, text: torch.Tensor) -> None:
         if self._forcing:
             text.copy_(torch.where(self._force_text >= 0, self._force_text, text))
+        if self._say_watch:
+            self._say_seen = text.detach().clone()
+
+    def _say_logits_hook(self, logits: torch.Tensor) -> None:
+        """Constrained pacing: only the allowed tokens keep their logits (the other rows untouched)."""
+        if self._say_mask is None:
+            return
+        rows, allowed = self._say_mask
+        flat = logits.view(logits.shape[0], logits.shape[-1])
+        bias = torch.full((rows.shape[0], flat.shape[1]), float("-inf"), dtype=flat.dtype, device=flat.device)
+        bias.scatter_(1, allowed, 0.0)
+        flat[rows] = flat[rows] + bias
 
     def _force_audio_hook(self, audio: torch.Tensor) -> None:
         if self._forcing:
@@ -269,11 +336,39 @@ class ChatStepper:
             if not isinstance(params, ChatParams):
                 raise TypeError(f"slot {slot}: reset parameters must be ChatParams")
             self.sampler.reset(slot, params.sampling)
+            self._say[slot] = say_channel.SaySlot(params.say) if params.say is not None else None
+            self._say_owner[slot] = params
             prefill = params.prefill
             self._prefill[slot] = (prefill, 0) if prefill is not None and prefill.steps > 0 else None
 
     def prefilling(self, slot: int) -> bool:
         return self._prefill[slot] is not None
+
+    # --- the say channel ---
+
+    def say(self, slot: int, owner: object, command: say_channel.Command) -> None:
+        """Queue a say command of the session whose :class:`ChatParams` is ``owner`` (any thread)."""
+        self.say_inbox.put(slot, owner, command)
+
+    def _say_commands(self) -> None:
+        for slot, owner, command in self.say_inbox.take():
+            state = self._say[slot]
+            if state is not None and self._say_owner[slot] is owner:
+                state.command(command)  # else: a session that left, or one without the channel
+
+    def _say_plan(
+        self, audio: Sequence[int], frames: np.ndarray[Any, Any]
+    ) -> dict[int, say_channel.Decision]:
+        plan: dict[int, say_channel.Decision] = {}
+        for slot in audio:
+            state = self._say[slot]
+            if state is None or not state.busy:
+                continue
+            level = say_channel.level_dbfs(frames[slot]) if state.current is not None or state.queue else None
+            decision = state.before(level)
+            if decision is not None:
+                plan[slot] = decision
+        return plan
 
     def step(
         self, inputs: Mapping[int, Sequence[np.ndarray[Any, Any]]], resets: Mapping[int, Any]
@@ -292,6 +387,8 @@ class ChatStepper:
             frames[slot] = frame
         executing = sorted(prefill + audio)
         outputs: dict[int, ChatOutput] = {}
+        self._say_commands()
+        decisions = self._say_plan(audio, frames)
         with torch.no_grad():
             user = torch.zeros(self._slots, self.layout.n_user, 1, dtype=torch.long)
             if audio:
@@ -299,7 +396,7 @@ class ChatStepper:
                 self.mimi.set_exec_mask(self._mask(audio))
                 codes = self.mimi.encode(self._pcm)[:, : self.layout.n_user].cpu()
                 user[audio] = codes[audio]
-            restores = self._prepare_prefill(prefill, user)
+            restores = self._prepare_prefill(prefill, user, decisions)
             self._user_codes.copy_(user)
             self.sampler.prepare(executing)
             self.gen.set_exec_mask(self._mask(executing))
@@ -307,6 +404,10 @@ class ChatStepper:
                 result = self.gen.step(self._user_codes)
             finally:
                 self._forcing = False
+                self._say_mask = None
+                self._say_watch = False
+            seen = self._say_seen.cpu().tolist() if decisions and self._say_seen is not None else None
+            self._say_seen = None
             assert result is not None  # support_out_of_sync: always a result
             for slot, restore in restores:
                 self._restore_cache(slot, restore)
@@ -331,11 +432,23 @@ class ChatStepper:
         for slot in audio:
             piece = self._piece(int(text[slot]))
             pcm_out = pcm_rows[slot].astype(np.float32) if pcm_rows is not None and slot in decode else None
-            outputs[slot] = ChatOutput(pcm=pcm_out, text=piece)
+            state = self._say[slot]
+            events: tuple[dict[str, Any], ...] = ()
+            if state is not None:
+                if seen is not None and slot in decisions:
+                    state.after(int(seen[slot]))
+                events = tuple(state.take_events())
+            outputs[slot] = ChatOutput(pcm=pcm_out, text=piece, events=events)
         return outputs
 
-    def _prepare_prefill(self, prefill: Sequence[int], user: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """Set the forcing and replay buffers for this step's prefill rows; the cache restores to do."""
+    def _prepare_prefill(
+        self,
+        prefill: Sequence[int],
+        user: torch.Tensor,
+        say_plan: Mapping[int, say_channel.Decision] | None = None,
+    ) -> list[tuple[int, torch.Tensor]]:
+        """Set the forcing and replay buffers for this step's prefill rows and say decisions; the
+        cache restores to do."""
         restores: list[tuple[int, torch.Tensor]] = []
         force_text = torch.full((self._slots,), -1, dtype=torch.long)
         force_audio = torch.full((self._slots, self.dep_q), -1, dtype=torch.long)
@@ -357,11 +470,24 @@ class ChatStepper:
             user[slot, :, 0] = plan.user[row]
             force_text[slot] = plan.forced[row, 0]
             force_audio[slot] = plan.forced[row, 1:]
+        rows: list[int] = []
+        allowed: list[tuple[int, ...]] = []
+        for slot, decision in (say_plan or {}).items():
+            if decision.force is not None:
+                force_text[slot] = decision.force
+            elif decision.allowed is not None:
+                rows.append(slot)
+                allowed.append(decision.allowed)
         self._force_text.copy_(force_text)
         self._force_audio.copy_(force_audio)
         self._replay_mask.copy_(replay_mask)
         self._replay.copy_(replay)
-        self._forcing = bool(prefill)
+        self._forcing = bool(prefill) or any(d.force is not None for d in (say_plan or {}).values())
+        self._say_watch = bool(say_plan)
+        if rows:
+            width = max(len(a) for a in allowed)
+            ids = torch.tensor([list(a) + [a[0]] * (width - len(a)) for a in allowed], dtype=torch.long)
+            self._say_mask = (torch.tensor(rows, dtype=torch.long).to(self.device), ids.to(self.device))
         return restores
 
     def _restore_cache(self, slot: int, restore: torch.Tensor) -> None:

@@ -33,11 +33,33 @@ class LocalModel:
     config: dict[str, Any]  # the raw config.json
 
 
-def dtype_of(precision: str) -> torch.dtype:
+# Quantised precisions (the chat module's LM only: models/quantize.py); their LM dtype depends on the device.
+QUANTIZED_PRECISIONS = ("q8", "nf4")
+
+
+def dtype_of(precision: str, device: torch.device | str | None = None) -> torch.dtype:
+    """The torch dtype of ``precision``. For ``q8``/``nf4``, the dtype of the LM's unquantised parts
+    (embeddings, norms, heads): bf16 on a GPU that has it, fp16 on an older GPU, fp32 on the CPU."""
+    if precision in QUANTIZED_PRECISIONS:
+        kind = torch.device(device).type if device is not None else "cuda"
+        if kind != "cuda":
+            return torch.float32
+        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
     try:
         return PRECISIONS[precision]
     except KeyError:
-        raise ModelDirError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}") from None
+        known = ", ".join((*PRECISIONS, *QUANTIZED_PRECISIONS))
+        raise ModelDirError(f"precision '{precision}' is not one of {known}") from None
+
+
+def precision_of(dtype: torch.dtype) -> str:
+    """The precision name of a float dtype (the inverse of :func:`dtype_of` for bf16, fp16, fp32)."""
+    for name, value in PRECISIONS.items():
+        if value == dtype:
+            return name
+    raise ModelDirError(f"dtype {dtype} is not one of {', '.join(PRECISIONS)}")
 
 
 def _local_file(model_dir: Path, config: dict[str, Any], key: str, default: str | None) -> Path | None:

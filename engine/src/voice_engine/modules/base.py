@@ -11,7 +11,7 @@ import msgpack
 from aiohttp import web
 
 from ..batch import BatchLoop, status_of
-from ..config import ModuleConfig
+from ..config import EXPERIMENTAL_PRECISIONS, ModuleConfig
 from ..metrics import Metrics
 
 
@@ -26,6 +26,16 @@ def pack(message: dict[str, Any]) -> bytes:
     out = msgpack.packb(message, use_bin_type=True, use_single_float=True)
     assert isinstance(out, bytes)
     return out
+
+
+def gpu_memory_gib() -> dict[str, float]:
+    """This process's CUDA memory: ``allocated`` now and its ``peak`` since start (torch's allocator)."""
+    import torch  # noqa: PLC0415 - a CUDA module has loaded torch already
+
+    return {
+        "allocated": round(torch.cuda.memory_allocated() / 2**30, 3),
+        "peak": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+    }
 
 
 class EngineModule(ABC):
@@ -70,6 +80,9 @@ class EngineModule(ABC):
             "precision": self.cfg.precision,
             "device": self.cfg.device,
         }
+        entry["precision_experimental"] = self.cfg.precision in EXPERIMENTAL_PRECISIONS
+        if self.cfg.device == "cuda":
+            entry["gpu_memory_gib"] = gpu_memory_gib()
         if self.loop is not None:
             entry.update(status_of(self.loop))
         return entry

@@ -21,10 +21,26 @@ Compatible with the web clients of ``kyutai-labs/moshi`` (``client/src/protocol/
   one carries the Opus headers); ``0x02`` + UTF-8 text pieces of the agent's inner monologue (``▁`` as
   a space; PAD and EPAD are not sent); ``0x05`` + UTF-8 error messages (bad input; the session carries
   on).
-* client to server: ``0x01`` + Ogg/Opus (one model step per 1920 decoded samples); ``0x03`` control,
-  ``0x04`` metadata and ``0x06`` ping are accepted and ignored (Kyutai's servers define no action for
-  them); ``0x02`` text is refused with an ``0x05`` error (the model takes no text input); an unknown
-  kind, a payload that is not Ogg, or a websocket text frame gets an ``0x05`` error.
+* client to server: ``0x01`` + Ogg/Opus (one model step per 1920 decoded samples); ``0x03`` control
+  and ``0x06`` ping are accepted and ignored (Kyutai's servers define no action for them), and so is
+  ``0x04`` metadata other than the say channel's cancel; an unknown kind, a payload that is not Ogg,
+  or a websocket text frame gets an ``0x05`` error.
+* the say channel (this engine's own, experimental; ``models/say.py``): ``0x02`` + UTF-8 text = say
+  this, in the session's voice, by forcing the words into the model's text stream. Bad UTF-8, a text
+  that is empty once characters outside the tokenizer's vocabulary are dropped, a text over
+  ``say_max_chars`` characters, or a fifth reply waiting (``say_queue=queue``) gets an ``0x05`` error
+  and nothing is said. ``0x04`` + ``{"say": "cancel"}`` stops the reply at the end of the current word
+  and drops the waiting ones (another ``"say"`` value is an ``0x05`` error). Query: ``say_pacing``
+  (``constrained`` | ``fixed``), ``say_after`` (``free`` | ``hold``: outside a reply the text is held
+  to PAD, speaker-only), ``say_queue`` (``queue`` | ``replace``: a new text ends the current reply at
+  the end of its word and drops the waiting ones). The engine sends ``0x04`` + one JSON object per
+  message: ``say_start`` (``id``, ``text`` as the tokens spell it, ``words``, ``dropped``),
+  ``say_word`` (``id``, ``index``, ``word``: when the word's first token is forced) and ``say_end``
+  (``id``, ``spoken``, ``reason``: ``done`` | ``cancelled`` | ``barge_in`` | ``replaced``); every
+  accepted text gets one ``say_start`` and one ``say_end``, in order of ``id`` (from 1 per
+  connection; a text dropped before it started gets both at once, ``spoken`` empty). Barge-in: while a
+  reply is said, ``barge_in_frames`` user frames in a row above ``barge_in_dbfs`` (RMS) end it at the
+  end of the current word. A session that sends no ``0x02`` is stepped exactly as without the channel.
 
 As Kyutai's server, the first user frame of a conversation without a prefill gives no audio (the
 model's audio lags its input by one step); after a prefill every frame gives audio.
@@ -35,7 +51,15 @@ Module options (``options`` in the configuration): ``flavor`` (``moshi`` | ``per
 ``top_k``, ``top_k_text`` (defaults: the model's ``lm_gen_config``, else moshi's 0.8 / 0.7 / 250 / 25),
 ``max_top_k`` / ``max_top_k_text`` (the largest a query may ask for; defaults: the defaults),
 ``auth`` (bool), ``idle_timeout_s`` (30: no message for that long ends the session),
-``send_timeout_s`` (10), ``prefill_timeout_s`` (120).
+``send_timeout_s`` (10), ``prefill_timeout_s`` (120), ``batch_wait_ms`` (0: a step starts as soon as one
+conversation has a frame; up to this long it waits for every conversation's frame, see ``BatchLoop``),
+``opus_workers`` (processes that encode the replies' Ogg/Opus, ``opus_pool.py``; 0: in the engine's
+process; default: one per 8 slots, at most 8 and the CPUs less 2, so 0 below 8 slots);
+the say channel's ``say_max_chars`` (2000),
+``say_max_pads`` (8: constrained pacing forces the next word after that many PADs),
+``say_frames_per_word`` (5: fixed pacing's frames per word onset), ``say_tail_frames`` (4: PAD steps
+after a reply's last word), ``barge_in_dbfs`` (-35), ``barge_in_frames`` (3; 0: no barge-in from the
+audio).
 """
 
 from __future__ import annotations
@@ -43,8 +67,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import math
+import os
 import re
 import secrets
 import statistics
@@ -62,8 +88,10 @@ from aiohttp import WSMsgType, web
 from ..batch import BatchLoop, Ended, Lease, next_output
 from ..config import ConfigError, ModuleConfig
 from ..models import chat_prompt, loading
+from ..models import say as say_channel
 from ..models.chat import FRAME_SIZE, SAMPLE_RATE, ChatOutput, ChatParams, ChatStepper
 from ..models.sampling import SamplingParams
+from ..opus_pool import OpusPool, OpusPoolError, OpusStream
 from .base import EngineModule, api_key_ok
 
 if sys.version_info >= (3, 11):
@@ -103,7 +131,26 @@ _OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
     "idle_timeout_s": (int, float),
     "send_timeout_s": (int, float),
     "prefill_timeout_s": (int, float),
+    "batch_wait_ms": (int, float),
+    "opus_workers": int,
+    "say_max_chars": int,
+    "say_max_pads": int,
+    "say_frames_per_word": int,
+    "say_tail_frames": int,
+    "barge_in_dbfs": (int, float),
+    "barge_in_frames": int,
 }
+SIGNED_OPTIONS = ("barge_in_dbfs",)
+SAY_QUERY: dict[str, tuple[str, ...]] = {
+    "say_pacing": say_channel.PACINGS,
+    "say_after": say_channel.AFTERS,
+    "say_queue": say_channel.QUEUES,
+}
+
+
+def opus_workers_for(slots: int) -> int:
+    """The default ``opus_workers``: one process per 8 slots, at most 8 and the CPUs less 2."""
+    return min(slots // 8, 8, max(1, (os.cpu_count() or 1) - 2))
 
 
 class RequestError(ValueError):
@@ -128,6 +175,23 @@ class ChatOptions:
     idle_timeout_s: float = 30.0
     send_timeout_s: float = 10.0
     prefill_timeout_s: float = 120.0
+    batch_wait_ms: float = 0.0
+    opus_workers: int | None = None  # None: opus_workers_for(slots)
+    say_max_chars: int = 2000
+    say_max_pads: int = 8
+    say_frames_per_word: int = 5
+    say_tail_frames: int = 4
+    barge_in_dbfs: float = -35.0
+    barge_in_frames: int = 3
+
+
+@dataclass
+class _SaySession:
+    """The session side of the say channel: reply ids, and how many replies have not ended."""
+
+    config: say_channel.SayConfig
+    next_id: int = 1
+    open: int = 0
 
 
 def parse_options(name: str, options: dict[str, Any]) -> ChatOptions:
@@ -141,8 +205,15 @@ def parse_options(name: str, options: dict[str, Any]) -> ChatOptions:
             raise ConfigError(
                 f"{where}: must be {'a number' if kind == (int, float) else getattr(kind, '__name__', kind)}"
             )
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and value < 0
+            and key not in SIGNED_OPTIONS
+        ):
             raise ConfigError(f"{where}: must not be negative")
+        if key in ("say_max_chars", "say_frames_per_word") and isinstance(value, int) and value < 1:
+            raise ConfigError(f"{where}: must be at least 1")
         values[key] = float(value) if kind == (int, float) and isinstance(value, (int, float)) else value
     if values.get("flavor") not in (None, "moshi", "personaplex"):
         raise ConfigError(f"modules.{name}.options.flavor: must be moshi or personaplex")
@@ -182,6 +253,7 @@ class ChatModule(EngineModule):
         self._voices: dict[str, tuple[float, chat_prompt.Voice]] = {}
         self._prefill_s: collections.deque[float] = collections.deque(maxlen=200)
         self.defaults = SamplingParams(seed=0, temp=0.8, temp_text=0.7, top_k=250, top_k_text=25)
+        self.opus_pool: OpusPool | None = None
 
     # --- lifecycle ---
 
@@ -222,15 +294,27 @@ class ChatModule(EngineModule):
 
     def start(self) -> None:
         assert self.stepper is not None
-        self.chat_loop = BatchLoop(self.name, self.stepper)
+        self.chat_loop = BatchLoop(self.name, self.stepper, gather_s=self.options.batch_wait_ms / 1000)
         self.loop = self.chat_loop
         self.chat_loop.start()
+        workers = self.options.opus_workers
+        workers = opus_workers_for(self.cfg.slots) if workers is None else workers
+        if workers > 0:
+            self.opus_pool = OpusPool(workers, SAMPLE_RATE, name=f"opus-{self.name}")
+            self.opus_pool.start()
+
+    async def close(self) -> None:
+        await super().close()
+        if self.opus_pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.opus_pool.close)
+            self.opus_pool = None
 
     def describe(self) -> dict[str, Any]:
         entry = super().describe()
         if self.stepper is not None:
             entry["flavor"] = self.stepper.flavor
             entry["ignored_query"] = list(IGNORED_QUERY)
+            entry["opus_workers"] = self.opus_pool.workers if self.opus_pool is not None else 0
         if self.stepper is not None and self.stepper.flavor == "personaplex":
             entry["voices"] = self.voice_names()
             entry["default_voice"] = self.options.default_voice
@@ -340,17 +424,58 @@ class ChatModule(EngineModule):
             text = self.options.default_text_prompt
         return params, voice, text
 
+    def _say_config(self, request: web.Request) -> say_channel.SayConfig:
+        values: dict[str, str] = {}
+        for key, allowed in SAY_QUERY.items():
+            raw = request.query.get(key)
+            if raw is None or raw == "":
+                continue
+            if raw not in allowed:
+                raise RequestError(
+                    f"query parameter {key}={raw[:40]!r} is not one of {', '.join(allowed)}", "bad_query"
+                )
+            values[key.removeprefix("say_")] = raw
+        o = self.options
+        return say_channel.SayConfig(
+            **values,
+            max_pads=o.say_max_pads,
+            frames_per_word=o.say_frames_per_word,
+            tail_frames=o.say_tail_frames,
+            barge_in_dbfs=o.barge_in_dbfs,
+            barge_in_frames=o.barge_in_frames,
+        )
+
+    def default_params(self, seed: int, say_config: say_channel.SayConfig | None) -> ChatParams:
+        """A session's parameters from the module's defaults alone (its default voice and text
+        prompt; blocking: may encode the voice). For ``voice-engine selftest``."""
+        assert self.stepper is not None
+        sampling = SamplingParams(
+            seed=seed,
+            temp=self.defaults.temp,
+            temp_text=self.defaults.temp_text,
+            top_k=self.defaults.top_k,
+            top_k_text=self.defaults.top_k_text,
+        )
+        if self.stepper.flavor == "moshi":
+            return ChatParams(sampling, say=say_config)
+        voice = self._voice(self.options.default_voice) if self.options.default_voice else None
+        tokens = chat_prompt.text_prompt_tokens(self.stepper.tokenizer, self.options.default_text_prompt)
+        prefill = chat_prompt.build_prefill(self.stepper.layout, voice, tokens)
+        return ChatParams(sampling, prefill, say=say_config)
+
     async def _params(self, request: web.Request) -> ChatParams:
         assert self.stepper is not None
+        say_config = self._say_config(request)
         sampling, voice_name, text = self._query(request)
         if self.stepper.flavor == "moshi":
-            return ChatParams(sampling)
+            return ChatParams(sampling, say=say_config)
         voice = None
         if voice_name:
             self._voice_path(voice_name)  # refuse a bad name before any work
             voice = await asyncio.get_running_loop().run_in_executor(None, self._voice, voice_name)
         tokens = chat_prompt.text_prompt_tokens(self.stepper.tokenizer, text)
-        return ChatParams(sampling, chat_prompt.build_prefill(self.stepper.layout, voice, tokens))
+        prefill = chat_prompt.build_prefill(self.stepper.layout, voice, tokens)
+        return ChatParams(sampling, prefill, say=say_config)
 
     # --- the route ---
 
@@ -442,9 +567,11 @@ class ChatModule(EngineModule):
                 return
             self._prefill_s.append(time.monotonic() - started)
         await self._send(ws, bytes([KIND_HANDSHAKE]))
-        reader = asyncio.create_task(self._read(ws, lease), name=f"chat-read-{lease.slot}")
+        assert params.say is not None
+        says = _SaySession(params.say)
+        reader = asyncio.create_task(self._read(ws, lease, says), name=f"chat-read-{lease.slot}")
         try:
-            await self._write(ws, lease, reader)
+            await self._write(ws, lease, reader, says)
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -463,7 +590,55 @@ class ChatModule(EngineModule):
                     if ws.closed or transport is None or transport.is_closing():
                         return False
 
-    async def _read(self, ws: web.WebSocketResponse, lease: Lease[np.ndarray[Any, Any], ChatOutput]) -> str:
+    async def _say_text(
+        self,
+        ws: web.WebSocketResponse,
+        lease: Lease[np.ndarray[Any, Any], ChatOutput],
+        says: _SaySession,
+        payload: bytes,
+    ) -> None:
+        """``0x02``: validate, tokenise and hand a reply to the stepper (or answer ``0x05``)."""
+        assert self.stepper is not None
+        if says.config.queue == "queue" and says.open >= say_channel.MAX_PENDING + 1:
+            await self._error(
+                ws,
+                f"say (0x02): {say_channel.MAX_PENDING} replies are already waiting; this one is not queued",
+                "say_queue_full",
+            )
+            return
+        try:
+            text = say_channel.decode_utf8(payload)
+            item = self.stepper.say_tokens.prepare(text, says.next_id, self.options.say_max_chars)
+        except say_channel.SayError as exc:
+            await self._error(ws, str(exc), "bad_say")
+            return
+        says.next_id += 1
+        says.open += 1
+        self.stepper.say(lease.slot, lease.params, say_channel.Say(item))
+        if self.chat_loop is not None:
+            self.chat_loop.wake()
+
+    async def _metadata(
+        self, ws: web.WebSocketResponse, lease: Lease[np.ndarray[Any, Any], ChatOutput], payload: bytes
+    ) -> None:
+        """``0x04``: the say channel's cancel; any other metadata is ignored, as Kyutai's servers do."""
+        assert self.stepper is not None
+        try:
+            value = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return
+        if not isinstance(value, dict) or "say" not in value:
+            return
+        if value["say"] != "cancel":
+            await self._error(
+                ws, f"metadata (0x04): say {str(value['say'])[:40]!r}: only 'cancel'", "bad_say"
+            )
+            return
+        self.stepper.say(lease.slot, lease.params, say_channel.Cancel())
+
+    async def _read(
+        self, ws: web.WebSocketResponse, lease: Lease[np.ndarray[Any, Any], ChatOutput], says: _SaySession
+    ) -> str:
         """Client frames into the slot's inbox. Returns why it stopped (``closed``, ``idle``)."""
         opus = sphn.OpusStreamReader(SAMPLE_RATE)
         pending: np.ndarray[Any, np.dtype[np.float32]] = np.zeros(0, dtype=np.float32)
@@ -488,12 +663,13 @@ class ChatModule(EngineModule):
                 await self._error(ws, "empty message: the first byte is the kind", "bad_frame")
                 continue
             kind, payload = data[0], data[1:]
-            if kind in (KIND_CONTROL, KIND_METADATA, KIND_PING):
+            if kind in (KIND_CONTROL, KIND_PING):
+                continue
+            if kind == KIND_METADATA:
+                await self._metadata(ws, lease, payload)
                 continue
             if kind == KIND_TEXT:
-                await self._error(
-                    ws, "text input (0x02) is not supported: the model listens to audio only", "unsupported"
-                )
+                await self._say_text(ws, lease, says, payload)
                 continue
             if kind != KIND_AUDIO:
                 await self._error(
@@ -520,8 +696,27 @@ class ChatModule(EngineModule):
         ws: web.WebSocketResponse,
         lease: Lease[np.ndarray[Any, Any], ChatOutput],
         reader: asyncio.Task[str],
+        says: _SaySession,
     ) -> None:
-        opus = sphn.OpusStreamWriter(SAMPLE_RATE)
+        stream = self.opus_pool.stream() if self.opus_pool is not None else None
+        try:
+            await self._write_outputs(ws, lease, reader, says, stream)
+        except OpusPoolError as exc:
+            await self._error(ws, f"engine error: {exc}", "closed")
+        finally:
+            if stream is not None:
+                stream.close()
+
+    async def _write_outputs(
+        self,
+        ws: web.WebSocketResponse,
+        lease: Lease[np.ndarray[Any, Any], ChatOutput],
+        reader: asyncio.Task[str],
+        says: _SaySession,
+        stream: OpusStream | None,
+    ) -> None:
+        """The slot's outputs to the client; the agent's audio encoded here or by ``stream``."""
+        opus = sphn.OpusStreamWriter(SAMPLE_RATE) if stream is None else None
         while True:
             out = await next_output(lease, reader)
             if isinstance(out, Ended):
@@ -533,8 +728,17 @@ class ChatModule(EngineModule):
                     await self._error(ws, out.closed, "closed")
                 return
             if out.pcm is not None:
-                data = bytes(opus.append_pcm(out.pcm))
+                if stream is not None:
+                    async with _timeout(self.options.send_timeout_s):
+                        data = await stream.encode(out.pcm)
+                else:
+                    assert opus is not None
+                    data = bytes(opus.append_pcm(out.pcm))
                 if data:
                     await self._send(ws, bytes([KIND_AUDIO]) + data)
             if out.text:
                 await self._send(ws, bytes([KIND_TEXT]) + out.text.encode("utf-8"))
+            for event in out.events:
+                if event.get("type") == "say_end":
+                    says.open -= 1
+                await self._send(ws, bytes([KIND_METADATA]) + json.dumps(event).encode("utf-8"))

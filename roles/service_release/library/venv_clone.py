@@ -1,8 +1,8 @@
-"""Make a venv at DEST that holds what the venv at SEED holds, without downloading or reinstalling.
+#!/usr/bin/python
+"""Ansible module: make a venv at DEST that holds what the venv at SEED holds, without downloading or
+reinstalling.
 
-    python3 venv_clone.py SEED_VENV DEST_VENV
-
-Used by roles/service_release (tasks/venv.yml) when a new release's venv would hold the same packages
+Used by roles/service_release (tasks/release.yml) when a new release's venv would hold the same packages
 as the live release's (same venv key in FINGERPRINT): copying takes seconds where pip takes minutes for torch.
 
 A venv is tied to its path only through text: the shebang lines and activate scripts in ``bin/`` and
@@ -10,7 +10,8 @@ the ``command`` line of ``pyvenv.cfg``. Those are rewritten from SEED to DEST; t
 is, except the bytecode caches, which name their source path: they are compiled again for DEST, as pip
 does on install, so tracebacks point into DEST even after SEED is pruned. Like pip, files this Python
 cannot compile are counted, not fatal (torch ships a few written for newer Pythons). DEST's
-interpreter must report DEST as its prefix. Prints one line; exits 1 with the reason, leaving no DEST behind.
+interpreter must report DEST as its prefix. A DEST that is already a venv is left alone (not changed);
+a failure says why in one line and leaves no DEST behind.
 """
 
 from __future__ import annotations
@@ -18,8 +19,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
+
+from ansible.module_utils.basic import AnsibleModule
+
+DOCUMENTATION = r"""
+module: venv_clone
+short_description: Clone a release's venv to a new path (nothing downloaded or reinstalled)
+options:
+  seed: {type: path, required: true, description: The venv to copy (the live release's).}
+  dest: {type: path, required: true, description: The new venv (left alone when it holds a pyvenv.cfg).}
+"""
 
 
 class CloneError(Exception):
@@ -75,17 +85,21 @@ def clone(seed: Path, dest: Path) -> str:
     return f"cloned {seed} to {dest} ({rewritten} path-bearing files rewritten, bytecode compiled{note})"
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: venv_clone.py SEED_VENV DEST_VENV", file=sys.stderr)
-        return 2
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "seed": {"type": "path", "required": True},
+            "dest": {"type": "path", "required": True},
+        },
+    )
+    seed, dest = Path(module.params["seed"]), Path(module.params["dest"])
+    if (dest / "pyvenv.cfg").is_file():
+        module.exit_json(changed=False, msg=f"{dest} is a venv already")
     try:
-        print(clone(Path(argv[0]), Path(argv[1])))
+        module.exit_json(changed=True, msg=clone(seed, dest))
     except CloneError as exc:
-        print(f"venv clone failed: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        module.fail_json(msg=f"venv clone failed: {exc}")
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main()

@@ -1,6 +1,7 @@
-"""NVIDIA runtime facts: what the nvidia_runtime role reads on a host, and what it decides from it.
+"""NVIDIA runtime knowledge: what the nvidia_runtime role reads on a host means, and what it decides.
 
-Parsing and decisions live here, as plain functions with table-driven tests
+Shared by the role's module (library/nvidia_runtime_facts.py, which reads the host and returns the
+facts) as ``ansible.module_utils.nvidia_facts``; plain functions with table-driven tests
 (tests/unit/test_nvidia_facts.py, fixtures in tests/fixtures/nvidia-smi/):
 
 - :func:`nvidia_wsl_version` / :func:`nvidia_is_wsl2`: WSL2 from /proc/sys/kernel/osrelease or
@@ -10,13 +11,11 @@ Parsing and decisions live here, as plain functions with table-driven tests
 - :func:`nvidia_pci_gpus`: NVIDIA display controllers from sysfs (works before any driver exists);
 - :func:`nvidia_cc_fallback` / :func:`nvidia_pci_fallback`: compute capability by GPU name or PCI id;
 - :func:`nvidia_driver_plan`: the driver branch, kernel-module flavour and packages for a GPU generation;
-- :func:`nvidia_runtime_detect`: all of the above, as the facts the role sets;
-- ``READ_SCRIPT`` (:func:`nvidia_read_script`): reads all of it on the host in one command;
-- :func:`nvidia_diagnose_row` / :func:`nvidia_diagnose_table`: the table playbooks/diagnose.yml prints.
+- :func:`nvidia_runtime_detect`: all of the above, as the facts the role sets.
 
-What Moshi can run on the GPU (precision, torch build, speed) is decided in moshi_profile.py, not here.
-Sources: ../shared/notes/field-notes.md section 3; NVIDIA's driver support notes (R580 is the last
-branch for Maxwell, Pascal and Volta; Blackwell needs R570 and the open kernel modules).
+What Moshi can run on the GPU (precision, torch build, speed) is decided in plugins/filter/moshi_profile.py,
+and the diagnose table is plugins/filter/diagnose_table.py. Driver branches: NVIDIA's driver support notes
+(R580 is the last branch for Maxwell, Pascal and Volta; Blackwell needs R570 and the open kernel modules).
 """
 
 from __future__ import annotations
@@ -194,57 +193,6 @@ def nvidia_pci_gpus(grep_output: Any) -> list[dict[str, str]]:
         for address, attrs in sorted(devices.items())
         if attrs.get("vendor") == NVIDIA_VENDOR and attrs.get("class", "").startswith(DISPLAY_CLASS_PREFIX)
     ]
-
-
-# Run on the host as ``python3 -c READ_SCRIPT JSON``; reads every input of nvidia_runtime_detect in one
-# command (changes nothing). JSON: {"osrelease", "proc_version", "pci_dir", "files": [paths],
-# "smi": [candidate nvidia-smi paths], "query", "query_no_cc", "container_marks": [[path, name or null]]}.
-# The first container mark that exists names the container (null: the file's text, as systemd writes
-# /run/systemd/container). The role picks the nvidia-smi result for the path that fits the host (WSL2
-# or native).
-READ_SCRIPT = """
-import glob, json, os, subprocess, sys
-args = json.loads(sys.argv[1])
-def read(path):
-    try:
-        with open(path) as handle:
-            return handle.read()
-    except OSError:
-        return ""
-def smi(path, query):
-    try:
-        done = subprocess.run([path, "--query-gpu=" + query, "--format=csv,noheader,nounits"],
-                              capture_output=True, text=True, timeout=60)
-        return done.returncode, done.stdout, done.stderr
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return 127, "", str(exc)
-pci = []
-for attr in ("vendor", "class", "device"):
-    for path in sorted(glob.glob(os.path.join(glob.escape(args["pci_dir"]), "*", attr))):
-        pci.extend(path + ":" + line for line in read(path).splitlines() if line)
-container = ""
-for path, name in args.get("container_marks", []):
-    if os.path.exists(path):
-        container = name or read(path).strip() or "container"
-        break
-out = {"osrelease": read(args["osrelease"]), "proc_version": read(args["proc_version"]),
-       "container": container, "pci": "\\n".join(pci),
-       "exists": {p: os.path.exists(p) for p in args["files"]}, "smi": {}}
-for path in args["smi"]:
-    if not os.path.isfile(path):
-        out["smi"][path] = {"found": False}
-        continue
-    rc, stdout, stderr = smi(path, args["query"])
-    result = {"found": True, "rc": rc, "stdout": stdout, "stderr": stderr, "nocc_stdout": ""}
-    if rc != 0:
-        result["nocc_stdout"] = smi(path, args["query_no_cc"])[1]
-    out["smi"][path] = result
-print(json.dumps(out))
-"""
-
-
-def nvidia_read_script(_: Any = None) -> str:
-    return READ_SCRIPT
 
 
 # --- knowledge tables ---------------------------------------------------------------------------------
@@ -545,99 +493,3 @@ def nvidia_runtime_detect(inputs: Mapping[str, Any]) -> dict[str, Any]:
         "problems": problems,
         "notes": notes,
     }
-
-
-# --- the diagnose table ------------------------------------------------------------------------------------
-
-DIAGNOSE_COLUMNS = (
-    "host",
-    "OS",
-    "kernel",
-    "GPU",
-    "CC",
-    "VRAM",
-    "driver",
-    "torch build",
-    "compile",
-    "bf16",
-    "q8",
-    "7B fits",
-    "7B real-time factor (< 1 is real time)",
-    "recommended",
-    "inventory",
-    "blocked by",
-    "runtime notes",
-)
-
-
-def _yes_no(value: Any) -> str:
-    return "-" if value is None else ("yes" if value else "no")
-
-
-def nvidia_diagnose_row(
-    diagnosis: Mapping[str, Any],
-    host: str,
-    os_name: str = "",
-    runtime: Mapping[str, Any] | None = None,
-) -> list[str]:
-    """One row of the diagnose table: the host's runtime facts and moshi_diagnose's verdict."""
-    facts = runtime or {}
-    memory = facts.get("gpu_memory_mib")
-    name = facts.get("gpu_name") or ("NVIDIA GPU (name unknown)" if facts.get("gpu_present") else "none")
-    rtf = "; ".join(f"{key} {value:.2f}x" for key, value in diagnosis.get("realtime_factors", {}).items())
-    recommended = f"{diagnosis.get('recommended_mode')}/{diagnosis.get('recommended_precision')}" + (
-        " (real time)" if diagnosis.get("recommended_realtime") else " (NOT real time)"
-    )
-    blockers = list(diagnosis.get("blockers") or [])
-    cc = facts.get("gpu_compute_capability")
-    source = facts.get("gpu_compute_capability_source")
-    return [
-        host,
-        os_name or "-",
-        "WSL2" if facts.get("is_wsl2") else ("WSL1" if facts.get("wsl_version") == 1 else "native"),
-        str(name),
-        f"{cc} ({source})" if cc and source not in (None, "nvidia-smi") else str(cc or "-"),
-        f"{memory} MiB" if memory else "-",
-        str(facts.get("driver_version") or "-"),
-        str(diagnosis.get("torch_build") or "-"),
-        _yes_no(diagnosis.get("compile_ok")),
-        _yes_no(diagnosis.get("bf16_ok")),
-        _yes_no(diagnosis.get("q8_ok")),
-        str(diagnosis.get("largest_precision") or "none") if diagnosis.get("gpu") else "-",
-        rtf or "-",
-        recommended,
-        str(diagnosis.get("inventory") or "not set"),
-        "; ".join(blockers) if blockers else "-",
-        "; ".join([*(facts.get("problems") or []), *(facts.get("notes") or [])]) or "-",
-    ]
-
-
-def nvidia_diagnose_table(rows: Iterable[Iterable[Any]]) -> str:
-    """A Markdown table (columns padded for a terminal) of diagnose rows, header first."""
-    body = [[str(cell).replace("|", "/") for cell in row] for row in rows]
-    table = [list(DIAGNOSE_COLUMNS), *body]
-    widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(len(DIAGNOSE_COLUMNS))]
-    lines = ["| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) + " |" for row in table]
-    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
-    return "\n".join(lines)
-
-
-class FilterModule:
-    """Ansible entry point."""
-
-    def filters(self) -> dict[str, Any]:
-        return {
-            "nvidia_wsl_version": nvidia_wsl_version,
-            "nvidia_is_wsl2": nvidia_is_wsl2,
-            "nvidia_smi_parse": nvidia_smi_parse,
-            "nvidia_smi_field_unsupported": nvidia_smi_field_unsupported,
-            "nvidia_pci_gpus": nvidia_pci_gpus,
-            "nvidia_cc_fallback": nvidia_cc_fallback,
-            "nvidia_pci_fallback": nvidia_pci_fallback,
-            "nvidia_generation": nvidia_generation,
-            "nvidia_driver_plan": nvidia_driver_plan,
-            "nvidia_runtime_detect": nvidia_runtime_detect,
-            "nvidia_read_script": nvidia_read_script,
-            "nvidia_diagnose_row": nvidia_diagnose_row,
-            "nvidia_diagnose_table": nvidia_diagnose_table,
-        }
