@@ -54,6 +54,7 @@ from .models.chat import ChatParams, ChatStepper
 from .models.sampling import SamplingParams
 from .tiny import chat as tiny_chat
 from .tiny import tokenizer as tiny_tokenizer
+from .wav import write_wav
 
 FRAME_MS = 80.0
 FRAME = 1920
@@ -92,7 +93,7 @@ def write_full_chat_set(out: Path, device: str = "cuda") -> Path:
     voices = out / "voices"
     voices.mkdir(exist_ok=True)
     wav = voices / f"{VOICE_NAME}.wav"
-    tiny_chat.write_wav(wav, tiny_chat.voice_audio(220.0, 0, VOICE_SECONDS), tiny_chat.VOICE_RATE)
+    write_wav(wav, tiny_chat.voice_audio(220.0, 0, VOICE_SECONDS), tiny_chat.VOICE_RATE)
     layout = chat_prompt.Layout(
         delays=tuple(int(d) for d in lm.delays),
         dep_q=8,

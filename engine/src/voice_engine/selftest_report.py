@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-import wave
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import wav
 from .models.say import PACINGS
 
 FRAME = 1920
@@ -59,12 +59,7 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
 
 
 def write_wav(path: Path, pcm: np.ndarray[Any, Any]) -> None:
-    data = np.clip(np.round(pcm * 32767.0), -32768, 32767).astype("<i2").tobytes()
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(SAMPLE_RATE)
-        out.writeframes(data)
+    wav.write_wav(path, pcm, SAMPLE_RATE)
 
 
 @dataclasses.dataclass

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from moshi.models import loaders
 from safetensors.torch import save_file
 
 from ..models import chat_prompt
+from ..wav import write_wav
 from . import mimi as tiny_mimi
 from . import tokenizer as tiny_tokenizer
 from .lm import tiny_lm_kwargs
@@ -77,16 +77,6 @@ def voice_audio(fundamental: float, seed: int, seconds: float = 2.0) -> np.ndarr
     envelope = 0.5 + 0.5 * np.sin(2 * math.pi * 3.0 * t) ** 2
     noise = 0.02 * rng.standard_normal(t.shape[0])
     return np.asarray(0.3 * envelope * signal + noise, dtype=np.float64)
-
-
-def write_wav(path: Path, pcm: np.ndarray[Any, Any], rate: int) -> None:
-    """16-bit mono PCM WAV (the same samples give the same bytes)."""
-    data = np.clip(np.round(pcm * 32767.0), -32768, 32767).astype("<i2").tobytes()
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(data)
 
 
 @torch.no_grad()
